@@ -1,0 +1,266 @@
+"""Configuration: dataclasses, presets, YAML files and ``--set section.key=value`` overrides.
+
+Everything stored here is plain YAML-serialisable data. ``Config.from_sources`` builds a
+config from a preset or a file, applies overrides and validates; a bad key or value is a
+``ConfigError`` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from minigpt_cli.errors import ConfigError
+
+PRESETS_PACKAGE = "minigpt_presets"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int | None = None  # None: take the tokenizer's vocabulary size
+    max_seq_length: int = 128
+    embed_dim: int = 256
+    num_heads: int = 8
+    num_layers: int = 4
+    ff_dim: int = 1024
+    dropout: float = 0.1
+    bias: bool = True
+
+    def validate(self) -> None:
+        for key in ("max_seq_length", "embed_dim", "num_heads", "num_layers", "ff_dim"):
+            _positive(f"model.{key}", getattr(self, key))
+        if self.vocab_size is not None:
+            _positive("model.vocab_size", self.vocab_size)
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"model.embed_dim ({self.embed_dim}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+@dataclass
+class TokenizerConfig:
+    spec: str = "byte"
+
+    def validate(self) -> None:
+        if not self.spec.strip():
+            raise ConfigError("tokenizer.spec must not be empty")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "stdlib-docs"
+    val_fraction: float = 0.1  # for a single text file: the last part becomes validation
+
+    def validate(self) -> None:
+        if not self.dataset.strip():
+            raise ConfigError("data.dataset must not be empty")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    epochs: float = 1.0
+    max_steps: int | None = None  # when set, wins over epochs
+    learning_rate: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum_steps: int = 1
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_iters: int = 20  # validation batches per evaluation during training
+    checkpoint_interval: int = 500
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+
+    def validate(self) -> None:
+        for key in ("batch_size", "grad_accum_steps", "log_interval", "eval_interval",
+                    "eval_iters", "checkpoint_interval"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("learning_rate", "epochs"):
+            _positive(f"train.{key}", getattr(self, key))
+        if self.max_steps is not None:
+            _positive("train.max_steps", self.max_steps)
+        for key in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"train.{key} must be in [0, 1), got {getattr(self, key)}")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:")):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or mps, got '{dev}'")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(
+                f"train.precision must be auto, fp32, bf16 or fp16, got '{self.precision}'"
+            )
+
+
+SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
+            "train": TrainConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None
+    description: str = ""
+
+    def validate(self) -> Config:
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: Any, origin: str = "config") -> Config:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{origin}: expected a mapping of sections at the top level")
+        cfg = cls()
+        for key, value in raw.items():
+            if key in ("preset", "description"):
+                if value is not None and not isinstance(value, str):
+                    raise ConfigError(f"{origin}: '{key}' must be a string")
+                setattr(cfg, key, value or ("" if key == "description" else None))
+                continue
+            if key not in SECTIONS:
+                raise ConfigError(f"{origin}: unknown section '{key}'",
+                                  f"sections are {', '.join(SECTIONS)}")
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: section '{key}' must be a mapping")
+            for sub, v in value.items():
+                set_key(cfg, f"{key}.{sub}", v)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: Path) -> Config:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        return cls.from_dict(_safe_yaml(text, str(path)), str(path))
+
+    @classmethod
+    def from_preset(cls, name: str) -> Config:
+        path = resources.files(PRESETS_PACKAGE) / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset '{name}'",
+                              f"available presets: {', '.join(preset_names())}")
+        cfg = cls.from_dict(_safe_yaml(path.read_text(encoding="utf-8"), f"preset {name}"),
+                            f"preset {name}")
+        cfg.preset = name
+        return cfg
+
+    @classmethod
+    def from_sources(cls, preset: str | None = None, config_file: Path | None = None,
+                     overrides: typing.Sequence[str] = ()) -> Config:
+        """A preset or a file (a file may name a preset to start from), then overrides."""
+        if preset and config_file:
+            raise ConfigError("give either --preset or --config, not both")
+        if config_file:
+            cfg = cls.from_file(config_file)
+        else:
+            cfg = cls.from_preset(preset or "tiny")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"bad override '{item}'", "use --set section.key=value")
+            set_key(cfg, key.strip(), _safe_yaml(value, f"--set {key}") if value else "")
+        return cfg.validate()
+
+
+def preset_names() -> list[str]:
+    root = resources.files(PRESETS_PACKAGE)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_summaries() -> list[tuple[str, str]]:
+    return [(name, Config.from_preset(name).description) for name in preset_names()]
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` to ``value``, checking that the key exists and the type fits."""
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or not key:
+        raise ConfigError(f"unknown config key '{dotted}'",
+                          f"keys look like section.key with section one of {', '.join(SECTIONS)}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        known = ", ".join(f.name for f in fields(obj))
+        raise ConfigError(f"unknown config key '{dotted}'", f"{section} keys: {known}")
+    setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+def _coerce(dotted: str, value: Any, hint: Any) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{dotted} must not be empty")
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{dotted} must be {names}, got {value!r}")
+
+
+def _safe_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{origin}: YAML syntax error{where}: {problem}") from e
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")

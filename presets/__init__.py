@@ -1,0 +1,1 @@
+"""YAML presets shipped with minigpt (``minigpt train --preset NAME``)."""

@@ -1,0 +1,148 @@
+"""The tokenizer plugin seam.
+
+A tokenizer plugin is a class that subclasses :class:`Tokenizer` and is registered under
+the entry-point group ``minigpt.tokenizers``. The built-in tokenizers register through the
+same group, in this package's ``pyproject.toml``::
+
+    [project.entry-points."minigpt.tokenizers"]
+    byte = "minigpt_tokenizers.byte:ByteTokenizer"
+
+A spec names a plugin and, after the first colon, an argument the plugin interprets:
+``byte``, ``char``, ``tiktoken:gpt2``, ``tiktoken:path/to/ranks.tiktoken``,
+``sentencepiece:unigram:8000``.
+"""
+
+from __future__ import annotations
+
+if __name__ == "tokenizers":  # imported from a checkout's root, shadowing Hugging Face's package
+    raise ImportError("this folder is minigpt's tokenizer plugins, installed as "
+                      "'minigpt_tokenizers'; it is not Hugging Face's 'tokenizers' package")
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+ENTRY_POINT_GROUP = "minigpt.tokenizers"
+META_FILE = "tokenizer.json"
+
+# Yields the training split's text in pieces; tokenizers that learn a vocabulary call it.
+TextSource = Callable[[], Iterable[str]]
+
+
+class TokenizerError(Exception):
+    """A tokenizer spec or file is unusable. ``hint`` says what to do instead."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class Tokenizer(ABC):
+    """What minigpt needs from a tokenizer.
+
+    ``eot_id`` is the end-of-text token: it separates documents and stops generation.
+    A plugin whose tokens can split a UTF-8 character may also define
+    ``decode_bytes(ids) -> bytes``; streaming then shows each character once it is whole.
+    """
+
+    #: the plugin's entry-point name; set by each plugin class
+    name: str = ""
+    #: True when :meth:`create` needs the training text to learn a vocabulary
+    needs_training: bool = False
+
+    spec: str
+    vocab_size: int
+    eot_id: int
+
+    @classmethod
+    @abstractmethod
+    def create(cls, arg: str, training_text: TextSource | None = None) -> Tokenizer:
+        """Build from the part of the spec after ``name:`` (empty when there is none)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: Path, meta: dict) -> Tokenizer:
+        """Rebuild from files :meth:`save` wrote; ``meta`` is the parsed ``tokenizer.json``."""
+
+    @abstractmethod
+    def save_files(self, directory: Path) -> dict:
+        """Write the files needed to rebuild this tokenizer offline; return extra metadata."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Text to token ids; special-token text in the input is encoded as plain text."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids to text; incomplete UTF-8 sequences decode to U+FFFD."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode several texts; plugins override this when they can do it in parallel."""
+        return [self.encode(text) for text in texts]
+
+    def save(self, directory: Path) -> None:
+        """Write the tokenizer's files and ``tokenizer.json`` into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        extra = self.save_files(directory)
+        meta = {"name": self.name, "spec": self.spec, "vocab_size": self.vocab_size,
+                "eot_id": self.eot_id, **extra}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that determines the token ids, for caches."""
+        import tempfile
+
+        h = hashlib.sha256(self.spec.encode())
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(Path(tmp))
+            for f in sorted(Path(tmp).rglob("*")):
+                if f.is_file():
+                    h.update(f.name.encode())
+                    h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+
+
+def available() -> dict[str, object]:
+    """Registered plugins by name (entry points, not yet imported)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def plugin_class(name: str) -> type[Tokenizer]:
+    eps = available()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise TokenizerError(f"unknown tokenizer '{name}'", f"available: {known}")
+    cls = eps[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
+        raise TokenizerError(f"tokenizer plugin '{name}' does not provide a Tokenizer class")
+    return cls
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    name, _, arg = spec.strip().partition(":")
+    if not name:
+        raise TokenizerError("empty tokenizer spec", "try 'byte', 'char' or 'tiktoken:gpt2'")
+    return name, arg
+
+
+def create(spec: str, training_text: TextSource | None = None) -> Tokenizer:
+    """Build a tokenizer from a spec such as ``tiktoken:gpt2``."""
+    name, arg = parse_spec(spec)
+    return plugin_class(name).create(arg, training_text)
+
+
+def load(directory: Path) -> Tokenizer:
+    """Rebuild the tokenizer saved in ``directory`` (a run's ``tokenizer/`` folder)."""
+    meta_path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        name = meta["name"]
+    except FileNotFoundError as e:
+        raise TokenizerError(f"tokenizer files missing: {meta_path} not found") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"{meta_path} is corrupt") from e
+    return plugin_class(name).load(Path(directory), meta)
