@@ -1,0 +1,160 @@
+"""Hugging Face datasets as a :class:`~minigpt_cli.data.DataSource`.
+
+``datasets`` is imported only here, and only when such a source is resolved (it is slow to
+import). The text column is ``text`` when the dataset has one, else its first string
+column. Splits named ``validation``/``valid``/``val``/``dev`` become ``val``; without one,
+the last ``val_fraction`` of the training rows is carved off as ``val``.
+
+Rows are joined into chunks of about 2 MB. A row that does not end in a newline (a whole
+document, or WikiText's empty rows) gets one, so rows are separated by ``\\n`` and no
+end-of-text tokens are inserted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+from minigpt_cli.data import CHUNK_BYTES, OFFLINE_HINT, SPLITS, DataSource
+from minigpt_cli.errors import DataError
+
+VAL_NAMES = ("validation", "valid", "val", "dev")
+ROWS_PER_READ = 1000
+JOIN_VERSION = 1
+
+
+class HubSource(DataSource):
+    """A dataset from the Hugging Face Hub (or its local cache)."""
+
+    def __init__(self, path: str, config: str | None, val_fraction: float = 0.1,
+                 name: str | None = None):
+        self.name = name or (f"hf:{path}:{config}" if config else f"hf:{path}")
+        self.path, self.config = path, config
+        dsd = load(path, config, self.name)
+        # canonical split -> (hf split name, first row, end row)
+        self._parts: dict[str, tuple[str, int, int]] = {}
+        self._data: dict[str, Any] = {}
+        for hf_split in dsd:
+            canonical = "val" if hf_split in VAL_NAMES else hf_split
+            if canonical not in self._parts:
+                self._parts[canonical] = (hf_split, 0, len(dsd[hf_split]))
+                self._data[hf_split] = dsd[hf_split]
+        if "train" not in self._parts:
+            raise DataError(f"{self.name} has no train split",
+                            f"its splits are {', '.join(dsd)}")
+        self.column = text_column(self._data[self._parts["train"][0]], self.name)
+        if "val" not in self._parts:
+            hf_split, _, n = self._parts["train"]
+            n_val = max(1, int(n * val_fraction))
+            if n - n_val < 1:
+                raise DataError(f"{self.name} has too few training rows ({n}) to carve a "
+                                "validation split from", "use a larger dataset")
+            self._parts["train"] = (hf_split, 0, n - n_val)
+            self._parts["val"] = (hf_split, n - n_val, n)
+        order = [s for s in SPLITS if s in self._parts]
+        self._parts = {s: self._parts[s] for s in order + sorted(set(self._parts) - set(order))}
+
+    def splits(self) -> list[str]:
+        return list(self._parts)
+
+    def _rows(self, split: str) -> tuple[Any, int, int]:
+        hf_split, lo, hi = self._parts[self.check_split(split)]
+        return self._data[hf_split], lo, hi
+
+    def iter_text(self, split: str) -> Iterator[str]:
+        ds, lo, hi = self._rows(split)
+        if self.column not in ds.column_names:
+            raise DataError(f"the {split} split of {self.name} has no '{self.column}' column")
+        ds = ds.select_columns([self.column])
+        pieces: list[str] = []
+        size = 0
+        for i in range(lo, hi, ROWS_PER_READ):
+            for row in ds[i:min(i + ROWS_PER_READ, hi)][self.column]:
+                row = row or ""
+                if not row.endswith("\n"):
+                    row += "\n"
+                pieces.append(row)
+                size += len(row)
+                if size >= CHUNK_BYTES:
+                    yield "".join(pieces)
+                    pieces, size = [], 0
+        if pieces:
+            yield "".join(pieces)
+
+    def fingerprint(self, split: str) -> str:
+        ds, lo, hi = self._rows(split)
+        hf_split = self._parts[self.check_split(split)][0]
+        ident = (f"hf-v{JOIN_VERSION}\0{self.path}\0{self.config}\0{hf_split}\0{lo}\0{hi}\0"
+                 f"{self.column}\0{getattr(ds, '_fingerprint', '')}")
+        return hashlib.sha256(ident.encode()).hexdigest()
+
+    def size_hint(self, split: str) -> int:
+        """UTF-8 bytes of the joined text, from Arrow string lengths (0 if unavailable)."""
+        ds, lo, hi = self._rows(split)
+        try:
+            import pyarrow.compute as pc
+
+            col = ds.data.column(self.column).slice(lo, hi - lo)
+            with_newline = pc.sum(pc.ends_with(col, "\n")).as_py() or 0
+            return int((pc.sum(pc.binary_length(col)).as_py() or 0) + (hi - lo) - with_newline)
+        except Exception:  # only a progress estimate
+            return 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "hf", "path": self.path, "config": self.config,
+                "text_column": self.column,
+                "splits": {s: {"hf_split": p[0], "rows": p[2] - p[1]}
+                           for s, p in self._parts.items()}}
+
+
+def text_column(ds: Any, name: str) -> str:
+    """``text`` if present, else the first string column; a DataError when there is none."""
+    features = getattr(ds, "features", None) or {}
+    strings = [col for col, feat in features.items()
+               if getattr(feat, "dtype", None) in ("string", "large_string")]
+    if "text" in strings:
+        return "text"
+    if not strings:
+        raise DataError(f"{name} has no text column",
+                        f"its columns are {', '.join(features) or 'none'}; minigpt needs a "
+                        "column of strings")
+    return strings[0]
+
+
+def load(path: str, config: str | None, name: str) -> Any:
+    """``datasets.load_dataset(path, config)`` with its failures turned into DataErrors."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError("the 'datasets' package is needed for Hugging Face datasets",
+                        "pip install datasets, or use a local text file") from e
+    try:
+        dsd = datasets.load_dataset(path, config)
+    except Exception as e:
+        raise _classify(e, name) from e
+    if not hasattr(dsd, "keys"):
+        dsd = {"train": dsd}
+    if not len(dsd):
+        raise DataError(f"{name} has no splits")
+    return dsd
+
+
+def _classify(e: Exception, name: str) -> DataError:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    kinds = {c.__name__ for c in type(e).__mro__}
+    offline = (isinstance(e, (ConnectionError, TimeoutError))
+               or kinds & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError",
+                           "ConnectTimeout", "TimeoutException", "NetworkError"}
+               or "Couldn't reach" in text)
+    if offline:
+        return DataError(f"cannot download {name} (no network and not in the local "
+                         "Hugging Face cache)", OFFLINE_HINT)
+    if kinds & {"DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError"}:
+        return DataError(f"Hugging Face dataset {name} not found: {text}",
+                         "check the name on huggingface.co/datasets, or use a local file")
+    if isinstance(e, ValueError) and "config" in text.lower():
+        return DataError(f"bad config for {name}: {text}",
+                         "write hf:NAME:CONFIG with one of the dataset's configs")
+    return DataError(f"cannot load {name}: {type(e).__name__}: {text}",
+                     "check the dataset name and config, or use a local text file")

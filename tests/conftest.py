@@ -1,0 +1,66 @@
+"""Fixtures shared across the test suite."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import types
+from pathlib import Path
+
+import minigpt_tokenizers
+import pytest
+from minigpt_tokenizers import Tokenizer
+
+
+class ReverseByteTokenizer(Tokenizer):
+    """A third-party-style plugin: UTF-8 bytes with ids mirrored (255 - byte), then end-of-text."""
+
+    name = "reverse-byte"
+    needs_training = False
+
+    def __init__(self):
+        self.spec, self.vocab_size, self.eot_id = "reverse-byte", 257, 256
+
+    @classmethod
+    def create(cls, arg, training_text=None):
+        return cls()
+
+    @classmethod
+    def load(cls, directory: Path, meta: dict):
+        return cls()
+
+    def save_files(self, directory: Path) -> dict:
+        return {}
+
+    def encode(self, text: str) -> list[int]:
+        return [255 - b for b in text.encode("utf-8", errors="surrogatepass")]
+
+    def decode(self, ids) -> str:
+        return bytes(255 - i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+@pytest.fixture
+def external_tokenizer(monkeypatch) -> type[Tokenizer]:
+    """Register ``ReverseByteTokenizer`` as the entry point ``reverse-byte``, the way an
+    installed third-party package would, for the duration of one test; returns the class.
+
+    It lives in a stand-in module so a real ``EntryPoint`` can load it; both
+    ``importlib.metadata.entry_points`` and the name ``minigpt_tokenizers`` imported are patched.
+    """
+    module = types.ModuleType("minigpt_test_plugin")
+    module.ReverseByteTokenizer = ReverseByteTokenizer
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    ep = importlib.metadata.EntryPoint(name=ReverseByteTokenizer.name,
+                                       value=f"{module.__name__}:ReverseByteTokenizer",
+                                       group=minigpt_tokenizers.ENTRY_POINT_GROUP)
+    real = importlib.metadata.entry_points
+
+    def entry_points(**params):
+        eps = real(**params)
+        if params.get("group") == minigpt_tokenizers.ENTRY_POINT_GROUP:
+            return importlib.metadata.EntryPoints([*eps, ep])
+        return eps
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(minigpt_tokenizers, "entry_points", entry_points)
+    return ReverseByteTokenizer
