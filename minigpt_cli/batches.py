@@ -1,0 +1,68 @@
+"""Batches of context windows from a token array.
+
+Training walks non-overlapping windows in a fresh random order each epoch, shifted by a
+random offset per epoch so window boundaries move. The order depends only on the seed and
+the epoch, and the sampler's whole state is how many windows it has handed out: a resumed
+run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class WindowSampler:
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+        assert len(tokens) > seq_len, "check_length() guards this"
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.n_windows = (len(tokens) - 1) // seq_len
+        self.slack = (len(tokens) - 1) - self.n_windows * seq_len
+        self.consumed = 0
+        self._epoch = -1
+        self._starts = np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / self.n_windows
+
+    def _starts_for(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(self.slack + 1))
+            self._starts = offset + rng.permutation(self.n_windows) * self.seq_len
+            self._epoch = epoch
+        return self._starts
+
+    def next_starts(self, batch_size: int) -> np.ndarray:
+        out = np.empty(batch_size, dtype=np.int64)
+        for i in range(batch_size):
+            epoch, idx = divmod(self.consumed, self.n_windows)
+            out[i] = self._starts_for(epoch)[idx]
+            self.consumed += 1
+        return out
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return windows(self.tokens, self.next_starts(batch_size), self.seq_len)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, (B, T) int64 each, for windows starting at ``starts``."""
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    block = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    return block[:, :-1], block[:, 1:]
+
+
+def eval_starts(n_tokens: int, seq_len: int, count: int) -> np.ndarray:
+    """``count`` fixed window starts spread evenly over a split (the same every evaluation)."""
+    last = n_tokens - seq_len - 1
+    return np.unique(np.linspace(0, max(last, 0), num=count).round().astype(np.int64))

@@ -1,0 +1,93 @@
+"""Device and precision selection: CUDA, Apple MPS or CPU; bf16/fp16 autocast."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from minigpt_cli.errors import DeviceError
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU. Asking for a missing device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available",
+                              "use --device cpu or --device auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"no GPU {dev.index}: {torch.cuda.device_count()} visible")
+        return dev
+    if name == "mps":
+        if not _mps_available():
+            raise DeviceError("--device mps was asked for but Apple MPS is not available",
+                              "use --device cpu or --device auto")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise DeviceError(f"unknown device '{name}'", "use auto, cpu, cuda, cuda:N or mps")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a device computes: ``dtype`` is the autocast dtype, None for plain fp32."""
+
+    name: str  # fp32 | bf16 | fp16
+    dtype: torch.dtype | None
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self, device: torch.device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def select_precision(requested: str, device: torch.device) -> Precision:
+    """``auto``: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 elsewhere."""
+    if requested == "auto":
+        if device.type == "cuda":
+            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            requested = "fp32"
+    if requested == "fp32":
+        return Precision("fp32", None)
+    if requested == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("this GPU does not support bf16", "use --set train.precision=fp16")
+        return Precision("bf16", torch.bfloat16)
+    if requested == "fp16":
+        if device.type == "cpu":
+            raise DeviceError("fp16 autocast is not supported on the CPU",
+                              "use --set train.precision=bf16 or fp32")
+        return Precision("fp16", torch.float16)
+    raise DeviceError(f"unknown precision '{requested}'", "use auto, fp32, bf16 or fp16")
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast paths that do not change results meaningfully: TF32 matmuls on Ampere+."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type

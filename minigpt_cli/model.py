@@ -1,0 +1,190 @@
+"""The GPT: pre-LN transformer blocks, learned positions, tied embeddings.
+
+Written bottom-up in nanoGPT's spirit, with GPT-2's parameter names so weights map one to
+one onto GPT-2 checkpoints. Shapes use B (batch), T (time), C (embed_dim), H (heads),
+D (head_dim), V (vocab). No I/O and no printing here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from minigpt_cli.config import ModelConfig
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of one attention layer for incremental decoding."""
+
+    k: torch.Tensor  # (B, H, T_max, D)
+    v: torch.Tensor  # (B, H, T_max, D)
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer; ``length`` tokens are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype):
+        shape = (batch_size, cfg.num_heads, cfg.max_seq_length, cfg.head_dim)
+        self.layers = [
+            LayerCache(torch.empty(shape, device=device, dtype=dtype),
+                       torch.empty(shape, device=device, dtype=dtype))
+            for _ in range(cfg.num_layers)
+        ]
+        self.length = 0
+        self.capacity = cfg.max_seq_length
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.num_heads = cfg.num_heads
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D)
+        q = q.view(B, T, self.num_heads, -1).transpose(1, 2)
+        k = k.view(B, T, self.num_heads, -1).transpose(1, 2)
+        v = v.view(B, T, self.num_heads, -1).transpose(1, 2)
+        mask, causal = None, True
+        if cache is not None:
+            cache.k[:B, :, start:start + T] = k
+            cache.v[:B, :, start:start + T] = v
+            k, v = cache.k[:B, :, :start + T], cache.v[:B, :, :start + T]
+            if start > 0:
+                causal = False
+                if T > 1:  # new queries see all cached keys plus their own past
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=causal and mask is None)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.embed_dim, cfg.ff_dim, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(cfg.ff_dim, cfg.embed_dim, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.vocab_size is not None, "vocab_size must be resolved before building"
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.embed_dim),
+            wpe=nn.Embedding(cfg.max_seq_length, cfg.embed_dim),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)]),
+            ln_f=nn.LayerNorm(cfg.embed_dim, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by depth so the residual stream stays unit-size
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Exact count of trainable numbers; the tied head is counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def param_groups_breakdown(self) -> dict[str, int]:
+        """Parameter counts per component, for ``inspect model``."""
+        out = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0}
+        for name, p in self.named_parameters():
+            if ".wte." in f".{name}" or ".wpe." in f".{name}":
+                out["embeddings"] += p.numel()
+            elif ".attn." in name:
+                out["attention"] += p.numel()
+            elif ".mlp." in name:
+                out["mlp"] += p.numel()
+            else:
+                out["norms"] += p.numel()
+        return out
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        w = self.transformer.wte.weight
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(
+            w.device.type) else w.dtype
+        return KVCache(self.config, batch_size, w.device, dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, reduction: str = "mean"):
+        """Logits for every position of ``idx`` (B, T) and, given targets, the loss.
+
+        With ``cache``, ``idx`` continues the cached sequence and the cache is extended.
+        Targets equal to -1 are ignored.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        assert start + T <= self.config.max_seq_length, (
+            f"sequence of {start + T} exceeds context {self.config.max_seq_length}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.length = start + T
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1, reduction=reduction)
+        return logits, loss
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices, never biases, norms or embeddings."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name
+            (decay if is_matrix else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,139 @@
+"""Everything ``minigpt train`` does before the loop starts: config, tokenizer, data,
+run directory, model and trainer, for a new run or one being resumed. No printing: progress
+is reported through the ``progress`` callback as ``(stage, done, total)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import minigpt_tokenizers
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import data
+from minigpt_cli.config import Config
+from minigpt_cli.device import configure_backends, select_device, select_precision
+from minigpt_cli.errors import CheckpointError, ConfigError
+from minigpt_cli.model import GPT
+from minigpt_cli.trainer import Callback, MetricsLog, Trainer
+
+Progress = Callable[[str, int, int], None]
+
+# Settings a resumed run may change; anything else would not continue the same run.
+RESUMABLE_CHANGES = {"max_steps", "epochs", "log_interval", "eval_interval", "eval_iters",
+                     "checkpoint_interval", "device", "precision"}
+
+
+@dataclass
+class PreparedRun:
+    config: Config
+    run_dir: Path
+    trainer: Trainer
+    tokenizer: minigpt_tokenizers.Tokenizer
+    device: torch.device
+    resumed_from: Path | None
+
+
+def default_run_dir(config: Config, root: Path = Path("runs")) -> Path:
+    stem = config.preset or "run"
+    base = root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def absolutize_dataset(config: Config) -> None:
+    """Store a local dataset path absolutely so the run works from any directory."""
+    path = Path(config.data.dataset).expanduser()
+    if path.exists():
+        config.data.dataset = str(path.resolve())
+
+
+def resume_config(run_dir: Path, requested: Config, changed: set[str]) -> Config:
+    """The run's own config with the allowed changes from ``requested`` applied."""
+    if not ckpt.is_run_dir(run_dir):
+        raise CheckpointError(f"nothing to resume in {run_dir}",
+                              "train a new run there without --resume")
+    saved = ckpt.load_config(run_dir)
+    merged = copy.deepcopy(saved)
+    for dotted in sorted(changed):
+        section, _, key = dotted.partition(".")
+        new = getattr(getattr(requested, section), key)
+        old = getattr(getattr(saved, section), key)
+        if dotted == "data.dataset" and Path(new).expanduser().exists():
+            new = str(Path(new).expanduser().resolve())
+        if new == old or (dotted == "model.vocab_size" and new is None):
+            continue
+        if section != "train" or key not in RESUMABLE_CHANGES:
+            raise ConfigError(f"cannot resume with {dotted}={new!r}: the run was trained with "
+                              f"{old!r}", "start a new run with another --out instead")
+        setattr(merged.train, key, new)
+    return merged.validate()
+
+
+def prepare(config: Config, out: Path | None, resume: bool = False,
+            changed: set[str] = frozenset(), callbacks: list[Callback] = (),
+            progress: Progress | None = None) -> PreparedRun:
+    """Set up a run. With ``resume``, ``out`` is an existing run and ``changed`` the keys the
+    user set on the command line; the run's saved config is used otherwise."""
+    report = progress or (lambda stage, done, total: None)
+    resumed_from = None
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out DIR, the run to continue")
+        config = resume_config(out, config, changed)
+        resumed_from = ckpt.checkpoint_dir(out, "latest")
+    else:
+        absolutize_dataset(config)
+    device = select_device(config.train.device)
+    precision = select_precision(config.train.precision, device)
+    configure_backends(device)
+    torch.manual_seed(config.train.seed)
+
+    source = data.resolve_source(config.data.dataset, config.data.val_fraction)
+    if resume:
+        tokenizer = ckpt.load_tokenizer(out)
+    else:
+        report(f"preparing tokenizer {config.tokenizer.spec}", 0, 0)
+        tokenizer = minigpt_tokenizers.create(config.tokenizer.spec,
+                                              lambda: source.iter_text("train"))
+    if config.model.vocab_size is None:
+        config.model.vocab_size = tokenizer.vocab_size
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the "
+                          f"tokenizer's vocabulary ({tokenizer.vocab_size})",
+                          "remove model.vocab_size or raise it")
+
+    splits = {}
+    for split in ("train", "val"):
+        def on_progress(done: int, total: int, split: str = split) -> None:
+            report(f"tokenizing {split}", done, total)
+        splits[split] = data.token_cache(source, split, tokenizer, progress=on_progress)
+        data.check_length(splits[split], config.model.max_seq_length, split)
+
+    if resume:
+        run_dir = out
+    else:
+        run_dir = ckpt.create_run_dir(out or default_run_dir(config))
+        ckpt.write_run_files(run_dir, config, tokenizer)
+
+    model = GPT(config.model).to(device)
+    metrics = MetricsLog(run_dir / ckpt.METRICS_FILE)
+    trainer = Trainer(model, config.train, splits["train"].tokens, splits["val"].tokens,
+                      config.model.max_seq_length, device, precision, run_dir,
+                      [metrics, *callbacks])
+    if resumed_from is not None:
+        trainer.restore(resumed_from)
+        metrics.truncate_after(trainer.step)
+        if trainer.step >= trainer.total_steps:
+            raise ConfigError(f"{run_dir} already finished its {trainer.total_steps} steps",
+                              "raise --max-steps (or --epochs) to train further")
+        ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, config.to_yaml())  # applied changes
+    return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from)
