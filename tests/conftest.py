@@ -7,8 +7,9 @@ import sys
 import types
 from pathlib import Path
 
-import minigpt_tokenizers
 import pytest
+
+import minigpt_tokenizers
 from minigpt_tokenizers import Tokenizer
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import minigpt_tokenizers
 import numpy as np
 import pytest
 
+import minigpt_tokenizers
 from minigpt_cli import data
 from minigpt_cli.data import DataError, check_length, resolve_source, token_cache
 

@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import minigpt_tokenizers as mt
 import pytest
+
+import minigpt_tokenizers as mt
 from minigpt_tokenizers import TokenizerError
 
 SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR")
@@ -204,8 +205,9 @@ def test_unrecognised_ranks_file(gpt2_file, tmp_path):
 
 def test_known_patterns_match_tiktoken(monkeypatch):
     """The copied split patterns and special tokens equal tiktoken's own definitions."""
-    from minigpt_tokenizers.tiktoken_bpe import KNOWN_RANKS
     from tiktoken_ext import openai_public
+
+    from minigpt_tokenizers.tiktoken_bpe import KNOWN_RANKS
 
     monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **k: {b"a": 0})
     for name, pat, specials, n_vocab in KNOWN_RANKS.values():

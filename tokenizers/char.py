@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
 from minigpt_tokenizers import TextSource, Tokenizer, TokenizerError
 
 VOCAB_FILE = "vocab.json"

@@ -1,0 +1,127 @@
+"""Sampling speed: the KV-cached engine against a full forward per token.
+
+Builds the default-size model (vocab 50257, 4 layers, 256 wide, 8 heads, context 128)
+with random weights and samples the same number of tokens three ways, batch 1:
+
+- engine:   minigpt_cli.sampling.generate (prefill once, one cached step per token,
+            sliding window past the context)
+- naive:    model(idx[:, -context:]) for every new token, as nanoGPT samples, with this
+            model's forward (logits for every position)
+- nanoGPT:  the same full forward, but the head only on the last position
+
+Usage: python benchmarks/sampling.py [--tokens 500] [--threads N] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from minigpt_cli.config import ModelConfig
+from minigpt_cli.model import GPT
+from minigpt_cli.sampling import CachedLM, GenerationResult, SamplingSettings, generate, sample_next
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+class StubTokenizer:
+    """Stands in for GPT-2's tokenizer when shared/tokenizers/gpt2.tiktoken is absent."""
+
+    vocab_size, eot_id = 50257, 50256
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode_bytes(self, ids):
+        return b"".join(b"<%d>" % i for i in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode()
+
+
+def gpt2_tokenizer():
+    shared = os.environ.get("MINIGPT_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared"
+    ranks = Path(shared) / "tokenizers" / "gpt2.tiktoken"
+    if not ranks.is_file():
+        return StubTokenizer(), "stub (gpt2.tiktoken not found)"
+    import minigpt_tokenizers
+
+    return minigpt_tokenizers.create(f"tiktoken:{ranks}"), "tiktoken GPT-2"
+
+
+def run_engine(model, tok, settings, device):
+    t0 = time.perf_counter()
+    for ev in generate(model, tok, PROMPT, settings, device):
+        if isinstance(ev, GenerationResult):
+            return ev.generated_tokens, time.perf_counter() - t0, ev.time_to_first_token
+
+
+@torch.inference_mode()
+def run_full_forward(model, tok, settings, device, last_only: bool):
+    """Sample like nanoGPT: crop to the context, forward it all, sample from the last row."""
+    t0 = time.perf_counter()
+    ctx = model.config.max_seq_length
+    gen = torch.Generator(device=device).manual_seed(settings.seed)
+    idx = torch.tensor([tok.encode(PROMPT)], device=device)
+    ttft, n = None, 0
+    for _ in range(settings.max_new_tokens):
+        if last_only:  # a fresh cache: the same full forward, head on the last position only
+            logits = CachedLM(model, 1).prefill(idx[:, -ctx:])
+        else:
+            logits = model(idx[:, -ctx:])[0][:, -1]
+        nxt = sample_next(logits, settings, gen)
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+        token = nxt.item()
+        tok.decode_bytes([token])
+        n += 1
+        if ttft is None:
+            ttft = time.perf_counter() - t0
+        if token == tok.eot_id:
+            break
+    return n, time.perf_counter() - t0, ttft
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50257, dropout=0.0)).to(device).eval()
+    tok, tok_name = gpt2_tokenizer()
+    settings = SamplingSettings(max_new_tokens=args.tokens, temperature=args.temperature,
+                                seed=1234)
+    warm = SamplingSettings(max_new_tokens=20, temperature=args.temperature, seed=1)
+    print(f"model: {model.num_params() / 1e6:.1f}M params, vocab 50257, 4x256, context 128; "
+          f"tokenizer {tok_name}; device {device}, {torch.get_num_threads()} threads; "
+          f"{args.tokens} new tokens, batch 1, temperature {args.temperature}")
+
+    ways = {
+        "engine (KV cache)": lambda s: run_engine(model, tok, s, device),
+        "naive full forward": lambda s: run_full_forward(model, tok, s, device, False),
+        "nanoGPT-style (last-row head)": lambda s: run_full_forward(model, tok, s, device, True),
+    }
+    rates = {}
+    for name, fn in ways.items():
+        fn(warm)
+        n, secs, ttft = fn(settings)
+        rates[name] = n / secs
+        print(f"{name:32s} {n:4d} tokens  {n / secs:8.1f} tokens/s  "
+              f"first token {ttft * 1000:6.1f} ms  total {secs:6.2f} s")
+    base = rates["naive full forward"]
+    print(f"speed-up of the engine: {rates['engine (KV cache)'] / base:.1f}x over the naive way, "
+          f"{rates['engine (KV cache)'] / rates['nanoGPT-style (last-row head)']:.1f}x over "
+          "nanoGPT-style")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The ``minigpt`` Typer app: registers the subcommands, nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from minigpt_cli import __version__
+from minigpt_cli.commands import chat, evaluate, generate, inspect, train
+
+app = typer.Typer(
+    name="minigpt",
+    help="Build, train, evaluate and talk to your own small GPT language model.",
+    epilog=(
+        "Examples:\n\n"
+        "  minigpt train --preset tiny\n\n"
+        "  minigpt generate --prompt 'The meaning of'\n\n"
+        "  minigpt chat\n\n"
+        "  minigpt eval --json\n\n"
+        "  minigpt inspect model"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"minigpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Build, train, evaluate and talk to your own small GPT language model."""
+
+
+train.register(app)
+generate.register(app)
+chat.register(app)
+evaluate.register(app)
+inspect.register(app)
+
+
+def main() -> None:
+    app()

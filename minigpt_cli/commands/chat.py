@@ -1,0 +1,87 @@
+"""``minigpt chat``: talk to a trained model in a REPL, or script it through stdin."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from minigpt_cli import ui
+from minigpt_cli.checkpoint import load_run
+from minigpt_cli.commands.generate import (
+    Device,
+    MaxNewTokens,
+    MinP,
+    ModelDir,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    Temperature,
+    TopK,
+    TopP,
+    terminal_safe,
+    unescape,
+)
+from minigpt_cli.device import configure_backends, select_device
+from minigpt_cli.errors import MiniGPTError
+from minigpt_cli.sampling import Engine, SamplingSettings
+
+EXAMPLES = """Examples:
+
+  minigpt chat    # the latest run under runs/, plain continuation
+
+  minigpt chat --model runs/tiny --template chat --system 'You are terse.'
+
+  minigpt chat --temperature 0.6 --top-p 0.9
+
+  printf 'Hello\\nHow are you?\\n' | minigpt chat --template chat    # one reply per line
+
+In the chat: /help lists the commands (/set, /show, /reset, /system, /save, /load, /stats,
+/quit); Esc then Enter adds a line; Ctrl-C stops a reply; Ctrl-D leaves.
+"""
+TEMPLATE_NAMES = ("plain", "chat")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chat", epilog=EXAMPLES)(chat)
+
+
+@ui.guarded
+def chat(
+    model: ModelDir = None,
+    template: Annotated[str, typer.Option(
+        help="plain: the model continues your text (base models). chat: 'User:' and "
+             "'Assistant:' turns.")] = "plain",
+    system: Annotated[str, typer.Option(help="Text placed before the conversation.")] = "",
+    max_new_tokens: MaxNewTokens = 200,
+    temperature: Temperature = 0.8,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    stop: Stop = None,
+    seed: Seed = None,
+    device: Device = "auto",
+) -> None:
+    """Chat with a trained model: streamed replies, history, slash commands."""
+    from minigpt_cli.repl import ChatSession, data_dir, run_piped, run_repl
+
+    if template not in TEMPLATE_NAMES:
+        raise MiniGPTError(f"--template must be plain or chat, got '{template}'")
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty,
+        stop=[unescape(s) for s in stop or []], seed=seed).validate()
+    dev = select_device(device)
+    configure_backends(dev)
+    run = load_run(model, dev)
+    session = ChatSession(Engine(run.model, run.tokenizer, dev), settings, template=template,
+                          system=system, model_label=str(run.run_dir))
+    if not sys.stdin.isatty():
+        code = run_piped(session, sys.stdin, ui.console, ui.err_console)
+    else:
+        safe = terminal_safe if ui.console.is_terminal else (lambda s: s)
+        code = run_repl(session, ui.console, history_path=data_dir() / "chat_history",
+                        safe=safe)
+    raise typer.Exit(code)

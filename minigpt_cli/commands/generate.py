@@ -1,0 +1,243 @@
+"""``minigpt generate``: a prompt in, streamed continuations out."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from minigpt_cli import ui
+from minigpt_cli.checkpoint import load_run
+from minigpt_cli.device import configure_backends, select_device
+from minigpt_cli.errors import MiniGPTError
+from minigpt_cli.sampling import (
+    Engine,
+    GenerationResult,
+    Notice,
+    SampleFinished,
+    SamplingSettings,
+    TextDelta,
+)
+
+EXAMPLES = """Examples:
+
+  minigpt generate --prompt 'ROMEO:'    # the latest run under runs/
+
+  minigpt generate --model runs/tiny --prompt 'Once upon a time' --max-new-tokens 400
+
+  minigpt generate --prompt 'def main(' --temperature 0    # greedy
+
+  minigpt generate --prompt-file story.txt --top-p 0.9 --num-samples 3 --seed 1
+
+  echo 'The meaning of life is' | minigpt generate --stop '\\n' --json
+"""
+
+# Sampling options, shared with ``minigpt chat``.
+MaxNewTokens = Annotated[int, typer.Option(
+    "--max-new-tokens", help="Most tokens to generate per sample.")]
+Temperature = Annotated[float, typer.Option(
+    help="Randomness: 0 is greedy, 1 samples the model's distribution as is.")]
+TopK = Annotated[int, typer.Option(help="Sample among the K most likely tokens (0: off).")]
+TopP = Annotated[float, typer.Option(
+    help="Nucleus: sample among the most likely tokens that make up this probability (1: off).")]
+MinP = Annotated[float, typer.Option(
+    help="Drop tokens less likely than this fraction of the most likely one (0: off).")]
+RepetitionPenalty = Annotated[float, typer.Option(
+    help="Above 1, make tokens of the last 64 less likely to come again (1: off).")]
+Stop = Annotated[list[str] | None, typer.Option(
+    "--stop", metavar="TEXT", help="End a sample at this text, left out of the output (repeatable; "
+                   "\\n and \\t are understood).")]
+Seed = Annotated[int | None, typer.Option(help="Seed for reproducible samples.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+ModelDir = Annotated[Path | None, typer.Option(
+    "--model", help="Run directory. Default: the latest run under runs/.")]
+
+_ESCAPE = re.compile(r"\\(.)")
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+# C0 controls but tab and newline, DEL, and C1 controls: shown as symbols on a terminal so
+# that model output can never drive it (escape sequences, clearing the screen, ...).
+_CONTROLS = {c: 0x2400 + c for c in range(0x20) if c not in (9, 10)} | {0x7F: 0x2421} \
+    | {c: 0xFFFD for c in range(0x80, 0xA0)}
+
+
+def unescape(text: str) -> str:
+    return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(0)), text)
+
+
+def terminal_safe(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate", epilog=EXAMPLES)(generate)
+
+
+@ui.guarded
+def generate(
+    model: ModelDir = None,
+    prompt: Annotated[str | None, typer.Option(
+        help="Text to continue. Without it (and without --prompt-file) the prompt is read "
+             "from stdin when that is not a terminal; else generation starts from scratch.")
+    ] = None,
+    prompt_file: Annotated[Path | None, typer.Option(
+        "--prompt-file", help="Read the prompt from this UTF-8 file ('-': stdin).")] = None,
+    max_new_tokens: MaxNewTokens = 200,
+    temperature: Temperature = 0.8,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    stop: Stop = None,
+    seed: Seed = None,
+    num_samples: Annotated[int, typer.Option(
+        "--num-samples", help="Independent samples, generated together as a batch.")] = 1,
+    device: Device = "auto",
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the samples, settings and speed as JSON instead of streaming.")
+    ] = False,
+) -> None:
+    """Continue a prompt with a trained model, streaming the text as it is generated."""
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty,
+        stop=[unescape(s) for s in stop or []], seed=seed, num_samples=num_samples).validate()
+    text = read_prompt(prompt, prompt_file)
+    dev = select_device(device)
+    configure_backends(dev)
+    run = load_run(model, dev)
+    engine = Engine(run.model, run.tokenizer, dev)
+    events = engine.generate(text, settings)
+    if json_out:
+        result = None
+        for event in events:
+            if isinstance(event, Notice):
+                ui.warn(event.message)
+            elif isinstance(event, GenerationResult):
+                result = event
+        assert result is not None
+        typer.echo(json.dumps(_report(run, str(dev), text, settings, result), indent=2,
+                              ensure_ascii=False))
+        return
+    view = StreamView(ui.console, text, num_samples)
+    try:
+        result = view.render(events)
+    except KeyboardInterrupt:
+        ui.console.out("")
+        raise
+    ui.err_console.print(Text(stats_line(result), style="dim"), soft_wrap=True)
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt from --prompt, --prompt-file or piped stdin; one trailing newline of a
+    file or stdin is dropped (``echo text |`` adds it)."""
+    if prompt is not None and prompt_file is not None:
+        raise MiniGPTError("give either --prompt or --prompt-file, not both")
+    if prompt is not None:
+        return prompt
+    if prompt_file is not None and str(prompt_file) != "-":
+        if not prompt_file.is_file():
+            raise MiniGPTError(f"--prompt-file {prompt_file} does not exist or is not a file")
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise MiniGPTError(f"--prompt-file {prompt_file} is not UTF-8 text") from e
+        except OSError as e:
+            raise MiniGPTError(f"cannot read --prompt-file {prompt_file}: "
+                               f"{e.strerror or e}") from e
+    elif prompt_file is not None or not sys.stdin.isatty():
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise MiniGPTError("the prompt on stdin is not UTF-8 text") from e
+    else:
+        return ""
+    return text[:-1] if text.endswith("\n") else text
+
+
+class StreamView:
+    """Streams samples to a console: the prompt dim, the continuation literally.
+
+    Samples are shown one after another under a header each. Text of a sample that is not
+    on screen yet waits until the samples before it are finished.
+    """
+
+    def __init__(self, console: Console, prompt: str, num_samples: int):
+        self.console = console
+        self.prompt = prompt
+        self.num_samples = num_samples
+        self.safe = terminal_safe if console.is_terminal else (lambda s: s)
+        self.current = -1
+        self.waiting: dict[int, list[str]] = {}
+        self.finished: set[int] = set()
+
+    def render(self, events) -> GenerationResult:
+        self._advance()
+        for event in events:
+            if isinstance(event, TextDelta):
+                if event.sample == self.current:
+                    self._write(event.text)
+                else:
+                    self.waiting.setdefault(event.sample, []).append(event.text)
+            elif isinstance(event, SampleFinished):
+                self.finished.add(event.sample)
+                if event.sample == self.current:
+                    self._advance()
+            elif isinstance(event, Notice):
+                ui.warn(event.message)
+            elif isinstance(event, GenerationResult):
+                return event
+        raise AssertionError("the engine ended without a result")
+
+    def _advance(self) -> None:
+        """Close the sample on screen; open the next, with whatever it has so far."""
+        while True:
+            if self.current >= 0:
+                self.console.out("")
+            self.current += 1
+            if self.current >= self.num_samples:
+                return
+            if self.num_samples > 1:
+                header = f"sample {self.current + 1}/{self.num_samples}"
+                self.console.rule(Text(header), style="dim", align="left")
+            if self.prompt:
+                self.console.out(self.safe(self.prompt), style="dim", end="")
+            self._write("".join(self.waiting.pop(self.current, [])))
+            if self.current not in self.finished:
+                return
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.console.out(self.safe(text), end="")
+
+
+def stats_line(result: GenerationResult) -> str:
+    return (f"{result.generated_tokens} tokens in {result.elapsed:.2f} s · "
+            f"{result.tokens_per_second:.1f} tokens/s · first token "
+            f"{result.time_to_first_token * 1000:.0f} ms · seed {result.seed}")
+
+
+def _report(run, device: str, prompt: str, settings: SamplingSettings,
+            result: GenerationResult) -> dict:
+    return {
+        "model": str(run.run_dir),
+        "step": run.state.get("step"),
+        "tokenizer": run.tokenizer.spec,
+        "device": device,
+        "prompt": prompt,
+        "prompt_tokens": result.prompt_tokens,
+        "prompt_cropped": result.prompt_cropped,
+        "warnings": result.warnings,
+        "settings": {**settings.to_dict(), "seed": result.seed},
+        "samples": [{"text": s.text, "num_tokens": len(s.tokens),
+                     "finish_reason": s.finish_reason} for s in result.samples],
+        "generated_tokens": result.generated_tokens,
+        "tokens_per_second": round(result.tokens_per_second, 2),
+        "time_to_first_token_s": round(result.time_to_first_token, 4),
+        "elapsed_s": round(result.elapsed, 4),
+    }

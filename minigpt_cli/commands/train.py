@@ -1,0 +1,126 @@
+"""``minigpt train``: options -> config -> prepared run -> trainer, rendered live."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from minigpt_cli import ui
+from minigpt_cli.config import Config
+from minigpt_cli.progress import DataProgress, TrainingView
+from minigpt_cli.trainer import TrainingStopped
+from minigpt_cli.training import prepare
+
+EXAMPLES = """Examples:
+
+  minigpt train --preset tiny
+
+  minigpt train --preset small --dataset input.txt --tokenizer tiktoken:gpt2 --max-steps 2000
+
+  minigpt train --config my.yaml --set model.num_layers=6 --set train.learning_rate=3e-4
+
+  minigpt train --out runs/my-run --resume --max-steps 5000
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EXAMPLES)(train)
+
+
+@ui.guarded
+def train(
+    preset: Annotated[str | None, typer.Option(help="Preset to start from (see "
+                                                     "'minigpt inspect presets').")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config key: section.key=value (repeatable).")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="Text file, folder, wikitext-2, wikitext-103, hf:NAME[:CONFIG] or stdlib-docs.")
+    ] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="byte, char, tiktoken:NAME|FILE, sentencepiece:unigram|bpe:SIZE or FILE.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/NAME-TIME).")
+                   ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+) -> None:
+    """Train a GPT from a preset or config file, with live progress and checkpoints."""
+    overrides = list(set_ or [])
+    for key, value in (("data.dataset", dataset), ("tokenizer.spec", tokenizer),
+                       ("train.max_steps", max_steps), ("train.epochs", epochs),
+                       ("train.seed", seed), ("train.device", device)):
+        if value is not None:
+            overrides.append(f"{key}={_yaml_scalar(value)}")
+    cfg = Config.from_sources(preset, config, overrides)
+    changed = {item.partition("=")[0].strip() for item in overrides}
+    if resume and (preset or config):
+        changed |= _differences(cfg)
+
+    data_view = DataProgress(ui.err_console)
+    try:
+        run = prepare(cfg, out, resume=resume, changed=changed, progress=data_view)
+    finally:
+        data_view.close()
+
+    model = run.trainer.model
+    title = f"minigpt train · {run.run_dir}"
+    view = TrainingView(ui.console, title, run.device, run.trainer.precision.name,
+                        model.num_params())
+    run.trainer.callbacks.append(view)
+    if run.resumed_from is not None:
+        ui.console.print(f"Resuming {run.run_dir} from step {run.trainer.step}.")
+
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        if received:  # a second signal: leave now; checkpoints are written atomically
+            raise KeyboardInterrupt
+        received.append(signum)
+        run.trainer.request_stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = run.trainer.fit()
+    except TrainingStopped as stop:
+        view.close()
+        code = 143 if received and received[0] == signal.SIGTERM else 130
+        ui.err_console.print(f"Stopped at step {stop.step}; checkpoint saved in {stop.path}.")
+        ui.err_console.print("Resume with: [bold]minigpt train --out "
+                             f"{shlex.quote(str(run.run_dir))} --resume[/]")
+        raise typer.Exit(code) from None
+    finally:
+        view.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+    best = "—" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+    ui.console.print(f"Done: {result.step} steps in {ui.human_duration(result.elapsed)}, "
+                     f"best val loss {best}. Run saved in [bold]{run.run_dir}[/].")
+    quoted = shlex.quote(str(run.run_dir))
+    ui.console.print(f"Next: minigpt generate --model {quoted} --prompt 'The'  ·  "
+                     f"minigpt chat --model {quoted}  ·  minigpt eval --model {quoted}")
+
+
+def _yaml_scalar(value) -> str:
+    """Quote strings so --set parsing keeps them strings (e.g. a dataset named 'null')."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(value)
+
+
+def _differences(cfg: Config) -> set[str]:
+    """Keys where ``cfg`` differs from the defaults (for --resume with a preset/config)."""
+    default = Config()
+    out = set()
+    for section in ("model", "tokenizer", "data", "train"):
+        for key, value in vars(getattr(cfg, section)).items():
+            if getattr(getattr(default, section), key) != value:
+                out.add(f"{section}.{key}")
+    return out

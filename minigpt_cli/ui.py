@@ -1,0 +1,68 @@
+"""Rich consoles and small renderers shared by the commands. Only the CLI layer uses this."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from minigpt_cli.errors import MiniGPTError
+from minigpt_tokenizers import TokenizerError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+for _c in (console, err_console):  # piped output: long lines stay whole, never wrapped at 80
+    _c.soft_wrap = not _c.is_terminal
+
+F = TypeVar("F", bound=Callable)
+
+
+def error_line(message: str, hint: str | None = None) -> None:
+    """One line on stderr: what went wrong and what to do about it."""
+    text = f"[bold red]Error:[/] {escape(message)}"
+    if hint:
+        text += f" [dim]— {escape(hint)}[/]"
+    err_console.print(text, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
+
+
+def guarded(fn: F) -> F:
+    """Turn user-facing failures into a one-line error and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (MiniGPTError, TokenizerError) as e:
+            error_line(e.message, e.hint)
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]Interrupted.[/]")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:  # e.g. `minigpt generate | head`
+            sys.stderr.close()
+            raise typer.Exit(0) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:g}" if isinstance(n, float) else str(n)
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
