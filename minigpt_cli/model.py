@@ -154,12 +154,10 @@ class GPT(nn.Module):
             w.device.type) else w.dtype
         return KVCache(self.config, batch_size, w.device, dtype)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, reduction: str = "mean"):
-        """Logits for every position of ``idx`` (B, T) and, given targets, the loss.
+    def features(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, C) that the head turns into logits.
 
         With ``cache``, ``idx`` continues the cached sequence and the cache is extended.
-        Targets equal to -1 are ignored.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -171,7 +169,15 @@ class GPT(nn.Module):
             x = block(x, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
             cache.length = start + T
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, reduction: str = "mean"):
+        """Logits for every position of ``idx`` (B, T) and, given targets, the loss.
+
+        With ``cache``, ``idx`` continues the cached sequence. Targets equal to -1 are ignored.
+        """
+        logits = self.lm_head(self.features(idx, cache))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),

@@ -63,7 +63,7 @@ class TrainingView:
         self.start_step, self.total, self.step = e.start_step, e.total_steps, e.start_step
         self.session_start = time.perf_counter()
         self._bar.update(self._task, total=e.total_steps, completed=e.start_step)
-        summary = (f"{human_count(self.num_params)} parameters · {human_count(e.train_tokens)} "
+        summary = (f"{self.num_params:,} parameters · {human_count(e.train_tokens)} "
                    f"train / {human_count(e.val_tokens)} val tokens · {e.tokens_per_step:,} "
                    f"tokens/step · {e.steps_per_epoch:,.0f} steps/epoch")
         if self.live_mode:

@@ -226,23 +226,14 @@ class CachedLM:
         return self._forward(context[:, -self.capacity:])
 
     def _forward(self, idx: torch.Tensor) -> torch.Tensor:
-        # GPT.forward without the head over every position: for generation only the last
-        # position's logits are needed, and the head is most of the cost (V x C per token).
-        model, cache = self.model, self.cache
-        tr = model.transformer
+        # Only the last position's logits are needed, and the head is most of the cost.
         B, T = idx.shape
-        start = cache.length
-        assert start + T <= self.capacity
+        start = self.cache.length
         self.tokens[:B, start:start + T] = idx
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = tr.drop(tr.wte(idx) + tr.wpe(pos))
-        for i, block in enumerate(tr.h):
-            x = block(x, cache.layers[i], start)
-        cache.length = start + T
-        x = tr.ln_f(x[:, -1])  # (B, C)
+        x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
         if self.head_t is not None:
             return x @ self.head_t  # (B, V)
-        return F.linear(x, model.lm_head.weight)
+        return F.linear(x, self.model.lm_head.weight)
 
 
 def head_for_decoding(model: GPT) -> torch.Tensor | None:

@@ -103,3 +103,33 @@ def test_small_preset_with_the_gpt2_file(tmp_path):
     report = json.loads(ok(minigpt("eval", "--model", "runs/small", "--json", cwd=tmp_path)))
     report = report[0] if isinstance(report, list) else report
     assert report["loss"] > 0
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path):
+    if not SHAKESPEARE.is_file():
+        pytest.skip("../shared is not present")
+    import signal
+    import time
+
+    env = {**os.environ, "MINIGPT_CACHE_DIR": str(tmp_path / ".cache")}
+    args = [sys.executable, "-m", "minigpt_cli", "train", "--preset", "tiny", "--dataset",
+            str(SHAKESPEARE), "--max-steps", "100000", "--out", "runs/stop",
+            "--set", "model.num_layers=1", "--set", "train.log_interval=1"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "stop" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists()
+                                      or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "minigpt train --out runs/stop --resume" in err
+    state = json.loads((tmp_path / "runs" / "stop" / "checkpoints" / "latest.json").read_text())
+    stopped_at = state["step"]
+    assert stopped_at >= 3
+    result = minigpt("train", "--out", "runs/stop", "--resume", "--max-steps",
+                     str(stopped_at + 2), cwd=tmp_path)
+    assert f"Done: {stopped_at + 2} steps" in ok(result)
