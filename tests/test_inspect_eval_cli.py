@@ -14,6 +14,7 @@ import minigpt_tokenizers
 from minigpt_cli import checkpoint
 from minigpt_cli.cli import app
 from minigpt_cli.config import Config, ModelConfig
+from minigpt_cli.device import cpu_has_fast_bf16
 from minigpt_cli.model import GPT
 
 runner = CliRunner()
@@ -193,7 +194,8 @@ def test_inspect_presets():
 
 def test_inspect_env():
     info = ok_json("inspect", "env", "--device", "cpu", "--json")
-    assert info["device"] == "cpu" and info["precision"] == "fp32"
+    expected = "bf16" if cpu_has_fast_bf16() else "fp32"  # what auto picks on this CPU
+    assert info["device"] == "cpu" and info["precision"] == expected
     assert info["versions"]["torch"] == torch.__version__
     assert info["self_test"]["passed"] is True, info["self_test"]
     assert "byte" in info["tokenizers"]

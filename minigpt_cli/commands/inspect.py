@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 import minigpt_tokenizers
-from minigpt_cli import __version__, ui
+from minigpt_cli import __version__, data, ui
 from minigpt_cli.checkpoint import (
     MODEL_FILE,
     TOKENIZER_DIR,
@@ -32,11 +32,16 @@ from minigpt_cli.config import Config, ModelConfig, preset_summaries
 from minigpt_cli.device import Precision, describe, select_device, select_precision
 from minigpt_cli.errors import TokenizerError
 from minigpt_cli.model import GPT
+from minigpt_cli.progress import DataProgress
+from minigpt_tokenizers import TextSource
 
 inspect_app = typer.Typer(
     help="Look inside a trained run, a tokenizer, the presets or this machine.",
     epilog=("Examples:\n\n  minigpt inspect model --model runs/tiny-20260101-120000\n\n"
             "  minigpt inspect tokenizer tiktoken:gpt2 'Hello world'\n\n"
+            "  minigpt inspect data data/input.txt\n\n"
+            "  minigpt inspect run runs/tiny --png run.png\n\n"
+            "  minigpt inspect attention --model runs/tiny 'To be, or not'\n\n"
             "  minigpt inspect presets\n\n  minigpt inspect env --device cuda"),
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -47,14 +52,20 @@ SAMPLE_TEXT = "Hello, world! Tokenizers cut text into pieces: naïve café, 3.14
 TOKEN_STYLES = ("black on cyan", "black on yellow")
 PACKAGES = ("torch", "numpy", "tiktoken", "sentencepiece", "datasets", "safetensors",
             "typer", "rich", "prompt-toolkit", "pyyaml")
+COMMAND_ORDER = ("model", "tokenizer", "data", "run", "attention", "presets", "env")  # in --help
 MAX_PREFIX_DECODE = 2000  # longer texts: decode each token alone instead of by prefixes
 
 
 def register(app: typer.Typer) -> None:
+    from minigpt_cli.commands import inspect_plots  # data, run, attention: they use helpers here
+
+    if "attention" not in {c.name for c in inspect_app.registered_commands}:
+        inspect_plots.register(inspect_app)
+        inspect_app.registered_commands.sort(key=lambda c: COMMAND_ORDER.index(c.name))
     app.add_typer(inspect_app, name="inspect")
 
 
-def _json(obj: Any) -> None:
+def emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
@@ -113,7 +124,7 @@ def model_(
         "config": cfg.to_dict(),
     }
     if json_out:
-        _json(info)
+        emit_json(info)
         return
 
     best = info["best_val_loss"]
@@ -177,6 +188,8 @@ TOKENIZER_EXAMPLES = """Examples:
 
   minigpt inspect tokenizer runs/tiny 'How does my run cut this?'
 
+  minigpt inspect tokenizer tiktoken:gpt2 --dataset data/tinyshakespeare/input.txt
+
   echo 'from stdin' | minigpt inspect tokenizer byte -
 """
 
@@ -189,8 +202,12 @@ def _no_training_text():
     raise _NeedsTraining
 
 
-def resolve_tokenizer(spec: str):
-    """A tokenizer from a spec, a run directory or a run's tokenizer/ folder."""
+def resolve_tokenizer(spec: str, training_text: TextSource | None = None):
+    """A tokenizer from a spec, a run directory or a run's tokenizer/ folder.
+
+    A spec that learns its vocabulary (char, sentencepiece) learns it from
+    ``training_text``; without one, that is an error that points to a run directory.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
         if is_run_dir(path) or (path / TOKENIZER_DIR / minigpt_tokenizers.META_FILE).is_file():
@@ -204,11 +221,11 @@ def resolve_tokenizer(spec: str):
         raise TokenizerError(f"no such run directory: {spec}",
                              "pass a run directory or a tokenizer spec such as byte")
     try:
-        return minigpt_tokenizers.create(spec, training_text=_no_training_text)
+        return minigpt_tokenizers.create(spec, training_text=training_text or _no_training_text)
     except _NeedsTraining:
         raise TokenizerError(f"the '{spec}' tokenizer learns its vocabulary from training text",
-                             "pass a run directory to see a trained one: "
-                             "minigpt inspect tokenizer runs/NAME") from None
+                             "pass a run directory to see a trained one (minigpt inspect "
+                             "tokenizer runs/NAME), or --dataset to learn one") from None
 
 
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
@@ -237,13 +254,21 @@ def tokenizer_(
     spec: Annotated[str, typer.Argument(
         help="A tokenizer spec (byte, tiktoken:gpt2, ...) or a run directory.")],
     text: Annotated[str | None, typer.Argument(
-        help="Text to tokenize ('-' reads standard input).")] = None,
+        help="Text to tokenize ('-' reads standard input). Default: a sample, or the start "
+             "of --dataset.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="Also measure bytes per token on a dataset: a text file, folder, wikitext-2, "
+             "hf:NAME[:CONFIG] or stdlib-docs. Tokenizers that learn a vocabulary learn it "
+             "from its training split.")] = None,
+    split: Annotated[str, typer.Option(help="Split of --dataset to measure.")] = "train",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show how a tokenizer cuts text into tokens, with their ids."""
-    tok = resolve_tokenizer(spec)
+    source = data.resolve_source(dataset) if dataset is not None else None
+    tok = resolve_tokenizer(spec, None if source is None else lambda: source.iter_text("train"))
+    corpus = _dataset_ratio(source, split, tok, show_progress=not json_out) if source else None
     if text is None:
-        text = SAMPLE_TEXT
+        text = SAMPLE_TEXT if source is None else _opening(source, corpus["split"])
     elif text == "-":
         text = sys.stdin.read()
     ids = [int(i) for i in tok.encode(text)]
@@ -252,9 +277,9 @@ def tokenizer_(
     per_token = num_bytes / len(ids) if ids else None
     info = {"spec": tok.spec, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "text": text,
             "ids": ids, "tokens": pieces, "num_tokens": len(ids), "num_bytes": num_bytes,
-            "bytes_per_token": per_token}
+            "bytes_per_token": per_token, "dataset": corpus}
     if json_out:
-        _json(info)
+        emit_json(info)
         return
     shown = Text()
     for i, piece in enumerate(pieces):  # a newline gets a visible mark to carry its colour
@@ -268,6 +293,35 @@ def tokenizer_(
     ui.console.print(Text("ids: ", style="dim") + Text(" ".join(map(str, ids))))
     ui.console.print(Text(f"{len(ids):,} tokens · {num_bytes:,} bytes · {ratio} bytes per token",
                           style="dim"))
+    if corpus is not None:
+        ui.console.print(Text(f"{corpus['name']} ({corpus['split']}): {corpus['tokens']:,} "
+                              f"tokens · {corpus['bytes']:,} bytes · "
+                              f"{corpus['bytes_per_token']:.2f} bytes per token", style="bold"))
+
+
+OPENING_CHARS = 300  # of a dataset, shown when no text is given
+
+
+def _opening(source: data.DataSource, split: str) -> str:
+    """The first lines of a split, about ``OPENING_CHARS`` long."""
+    head = next(iter(source.iter_text(split)), "")[:OPENING_CHARS * 2]
+    cut = head.rfind("\n", 0, OPENING_CHARS) + 1
+    return head[:cut] if cut > 0 else head[:OPENING_CHARS]
+
+
+def _dataset_ratio(source: data.DataSource, split: str, tok, show_progress: bool
+                   ) -> dict[str, Any]:
+    """Bytes per token over a whole split, from the token cache (encoded once, then reused)."""
+    split = source.check_split(split)
+    view = DataProgress(ui.err_console) if show_progress and ui.err_console.is_terminal else None
+    try:
+        arr = data.token_cache(source, split, tok, progress=None if view is None else (
+            lambda done, total: view(f"tokenizing {split}", done, total)))
+    finally:
+        if view is not None:
+            view.close()
+    return {"name": source.name, "split": split, "bytes": arr.num_bytes,
+            "tokens": arr.num_tokens, "bytes_per_token": arr.num_bytes / arr.num_tokens}
 
 
 # ---- inspect presets -------------------------------------------------------------------------
@@ -288,7 +342,7 @@ def presets(
                      "embed_dim": m.embed_dim, "heads": m.num_heads,
                      "tokenizer": cfg.tokenizer.spec, "dataset": cfg.data.dataset})
     if json_out:
-        _json(rows)
+        emit_json(rows)
         return
     table = Table(title="Presets (minigpt train --preset NAME)", title_justify="left")
     table.add_column("name", style="bold", no_wrap=True)
@@ -389,7 +443,7 @@ def env(
         "self_test": self_test(dev, prec),
     }
     if json_out:
-        _json(info)
+        emit_json(info)
     else:
         versions = _kv_table("Versions", [(k, v or "not installed")
                                           for k, v in info["versions"].items()])

@@ -1,0 +1,167 @@
+"""What a dataset looks like to a tokenizer, for ``minigpt inspect data``.
+
+Per split: bytes, tokens, words, lines and documents (blocks of text between blank lines),
+the distribution of document or line lengths in tokens, and the most frequent tokens.
+Totals and token frequencies come from the token cache (the same ids training sees);
+lengths come from encoding each document or line on its own, over at most
+``LENGTH_SAMPLE_BYTES`` of each split. No printing here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from minigpt_cli.data import DataSource, token_cache
+
+UNITS = ("document", "line")
+LENGTH_SAMPLE_BYTES = 64 << 20  # lengths are measured over at most this much of a split
+MAX_UNIT_CHARS = 1 << 20  # a longer document or line is measured as several
+ENCODE_BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once
+COUNT_BLOCK = 1 << 24  # tokens per bincount
+_SEPARATORS = {"document": re.compile(r"\n(?:[ \t\r\f\v]*\n)+"), "line": re.compile(r"\n")}
+
+Progress = Callable[[str, int, int], None]  # (stage, bytes done, bytes total)
+
+
+@dataclass
+class Lengths:
+    """Tokens per document (or per non-blank line), in text order."""
+
+    unit: str
+    tokens: np.ndarray  # one entry per measured document or line, in text order
+    count: int  # documents or lines in the whole split; more than measured when sampled
+    measured_bytes: int  # UTF-8 bytes of the measured documents or lines
+
+    @property
+    def sampled(self) -> bool:
+        return len(self.tokens) < self.count
+
+    def histogram(self) -> list[tuple[int, int, int]]:
+        """``(lo, hi, count)`` of lengths in ``[lo, hi]``, in powers of two: 1, 2-3, 4-7, ...
+
+        From the shortest length's bin to the longest's; bins between may be empty.
+        """
+        if not len(self.tokens):
+            return []
+        exponents = np.floor(np.log2(np.maximum(self.tokens, 1))).astype(np.int64)
+        counts = np.bincount(exponents)
+        first = int(exponents.min())
+        return [(2 ** e, 2 ** (e + 1) - 1, int(counts[e])) for e in range(first, len(counts))]
+
+    def to_dict(self) -> dict[str, Any]:
+        t = self.tokens
+        stats = ({"mean": float(t.mean()), "median": float(np.median(t)),
+                  "p90": float(np.percentile(t, 90)), "min": int(t.min()), "max": int(t.max())}
+                 if len(t) else dict.fromkeys(("mean", "median", "p90", "min", "max")))
+        return {"unit": self.unit, "count": self.count, "measured": int(len(t)),
+                "measured_tokens": int(t.sum()), "measured_bytes": self.measured_bytes,
+                "sampled": self.sampled, **stats,
+                "histogram": [{"lo": lo, "hi": hi, "count": c} for lo, hi, c in self.histogram()]}
+
+
+@dataclass
+class SplitStats:
+    split: str
+    bytes: int
+    tokens: int
+    words: int
+    lines: int
+    documents: int
+    lengths: Lengths
+    top_tokens: list[tuple[int, int]]  # (id, count), most frequent first
+
+    def to_dict(self, decode: Callable[[int], str]) -> dict[str, Any]:
+        return {
+            "bytes": self.bytes, "tokens": self.tokens, "words": self.words,
+            "lines": self.lines, "documents": self.documents,
+            "bytes_per_token": self.bytes / self.tokens if self.tokens else None,
+            "lengths": self.lengths.to_dict(),
+            "top_tokens": [{"id": i, "token": decode(i), "count": c,
+                            "share": c / self.tokens} for i, c in self.top_tokens],
+        }
+
+
+def split_units(chunks: Iterable[str], unit: str) -> Iterator[str]:
+    """The non-blank documents (blocks between blank lines) or lines of streamed text."""
+    sep = _SEPARATORS[unit]
+    pending = ""
+    for chunk in chunks:
+        parts = sep.split(pending + chunk)
+        pending = parts.pop()  # may continue in the next chunk
+        for part in parts:
+            if part.strip():
+                yield part
+        while len(pending) > MAX_UNIT_CHARS:
+            yield pending[:MAX_UNIT_CHARS]
+            pending = pending[MAX_UNIT_CHARS:]
+    if pending.strip():
+        yield pending
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """How often each id occurs in ``tokens`` (counted in blocks: memmaps stay on disk)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), COUNT_BLOCK):
+        block = np.bincount(np.asarray(tokens[start:start + COUNT_BLOCK]), minlength=vocab_size)
+        counts += block[:vocab_size]
+    return counts
+
+
+def measure_lengths(source: DataSource, split: str, tokenizer: Any, unit: str,
+                    progress: Progress | None = None,
+                    limit_bytes: int = LENGTH_SAMPLE_BYTES) -> Lengths:
+    """Token lengths of the split's documents or lines, each encoded on its own.
+
+    Every document or line is counted; lengths are measured until ``limit_bytes`` of them.
+    """
+    assert unit in UNITS, unit
+    encode_batch = getattr(tokenizer, "encode_batch", None) or (
+        lambda texts: [tokenizer.encode(t) for t in texts])
+    total_bytes = source.size_hint(split)
+    lengths: list[int] = []
+    batch: list[str] = []
+    batch_chars = measured = count = 0
+
+    def flush() -> None:
+        nonlocal batch_chars
+        lengths.extend(len(ids) for ids in encode_batch(batch))
+        batch.clear()
+        batch_chars = 0
+        if progress is not None:
+            progress(f"measuring {split}", measured, max(total_bytes, measured))
+
+    for text in split_units(source.iter_text(split), unit):
+        count += 1
+        if measured >= limit_bytes:
+            continue
+        batch.append(text)
+        batch_chars += len(text)
+        measured += len(text.encode("utf-8", errors="surrogatepass"))
+        if batch_chars >= ENCODE_BATCH_CHARS:
+            flush()
+    if batch:
+        flush()
+    return Lengths(unit, np.asarray(lengths, dtype=np.int64), count, measured)
+
+
+def split_stats(source: DataSource, split: str, tokenizer: Any, unit: str = "document",
+                top: int = 10, progress: Progress | None = None,
+                limit_bytes: int = LENGTH_SAMPLE_BYTES) -> SplitStats:
+    """Everything ``inspect data`` shows about one split."""
+    split = source.check_split(split)
+    on_tokens = None if progress is None else (
+        lambda done, total: progress(f"tokenizing {split}", done, total))
+    arr = token_cache(source, split, tokenizer, progress=on_tokens)
+    counts = token_counts(arr.tokens, int(tokenizer.vocab_size))
+    order = np.argsort(-counts, kind="stable")[:max(top, 0)]
+    top_tokens = [(int(i), int(counts[i])) for i in order if counts[i] > 0]
+    lengths = measure_lengths(source, split, tokenizer, unit, progress, limit_bytes)
+    documents = lengths.count if unit == "document" else sum(
+        1 for _ in split_units(source.iter_text(split), "document"))
+    return SplitStats(split, arr.num_bytes, arr.num_tokens, arr.num_words, arr.num_lines,
+                      documents, lengths, top_tokens)
