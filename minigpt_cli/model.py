@@ -101,6 +101,64 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ w.T`` against ``targets``, chunk by chunk.
+
+    The full logits never exist: each chunk's logits are made, turned into their loss and
+    their gradient (softmax minus one-hot) and dropped. The gradients for ``h`` and ``w``
+    are computed here, in the forward pass, and handed out in ``backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, targets, dtype, chunk):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w_c = w.to(dtype)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.size(0), chunk):
+            h_c = h[i:i + chunk].to(dtype)
+            t_c = targets[i:i + chunk]
+            logits = (h_c @ w_c.t()).float()  # (chunk, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = t_c != -1
+            safe_t = t_c.clamp(min=0).unsqueeze(1)
+            target_logit = logits.gather(1, safe_t).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
+            if need_grad:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                probs.scatter_add_(1, safe_t, -valid.float().unsqueeze(1))
+                probs.mul_(valid.unsqueeze(1))
+                g = probs.to(dtype)
+                grad_h[i:i + chunk] = (g @ w_c).to(h.dtype)
+                grad_w += (g.t() @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, (grad_w * grad_out).to(ctx.w_dtype), None, None, None
+
+
+def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                       reduction: str = "mean", chunk: int = 256) -> torch.Tensor:
+    """``F.cross_entropy(h @ w.T, targets, ignore_index=-1)`` without the full logits.
+
+    Under autocast the matmuls run in the autocast dtype; the softmax is always fp32.
+    """
+    dtype = (torch.get_autocast_dtype(h.device.type)
+             if torch.is_autocast_enabled(h.device.type) else h.dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        total = _ChunkedHeadLoss.apply(h, w, targets, dtype, chunk)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / (targets != -1).sum().clamp(min=1)
+    raise ValueError(f"unsupported reduction {reduction!r}")
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -177,12 +235,14 @@ class GPT(nn.Module):
 
         With ``cache``, ``idx`` continues the cached sequence. Targets equal to -1 are ignored.
         """
-        logits = self.lm_head(self.features(idx, cache))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1, reduction=reduction)
-        return logits, loss
+        x = self.features(idx, cache)
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, V)
+        # The (B*T, V) logits are the largest tensor by far: compute the loss chunk by chunk
+        # instead, and return no logits.
+        loss = head_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight,
+                                  targets.reshape(-1), reduction)
+        return None, loss
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay matrices, never biases, norms or embeddings."""

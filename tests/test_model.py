@@ -16,8 +16,10 @@ def toy(**kw) -> GPT:
 def test_shapes_and_loss():
     model = toy()
     x = torch.randint(0, 97, (3, 16))
-    logits, loss = model(x, x)
+    logits, _ = model(x)
     assert logits.shape == (3, 16, 97)
+    no_logits, loss = model(x, x)
+    assert no_logits is None  # with targets the full logits are never built
     assert loss.ndim == 0
     # an untrained model is close to uniform
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
@@ -98,3 +100,36 @@ def test_model_config_validation(bad):
     from minigpt_cli.errors import ConfigError
     with pytest.raises(ConfigError):
         ModelConfig(**{**dict(vocab_size=10), **bad}).validate()
+
+
+@pytest.mark.parametrize("chunk", [7, 256])
+def test_chunked_head_loss_matches_cross_entropy(chunk):
+    from torch.nn import functional as F
+
+    from minigpt_cli.model import head_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (300,))
+    t[::5] = -1
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-1)
+    gh, gw = torch.autograd.grad(3 * ref, (h, w))
+    out = head_cross_entropy(h, w, t, chunk=chunk)
+    oh, ow = torch.autograd.grad(3 * out, (h, w))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(oh, gh)
+    torch.testing.assert_close(ow, gw)
+    with torch.no_grad():
+        summed = head_cross_entropy(h, w, t, reduction="sum", chunk=chunk)
+    torch.testing.assert_close(summed, ref * (t != -1).sum(), rtol=1e-5, atol=1e-3)
+
+
+def test_model_loss_equals_loss_from_logits():
+    from torch.nn import functional as F
+
+    model = toy()
+    x = torch.randint(0, 97, (2, 16))
+    logits, _ = model(x)
+    _, loss = model(x, x)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 97), x.reshape(-1)))
