@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
 from prompt_toolkit.completion import Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
+from prompt_toolkit.filters import Condition
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from rich.console import Console
@@ -89,8 +91,8 @@ COMMANDS = {
     "/show": "model, tokenizer, settings and how much context is used",
     "/reset": "forget the conversation",
     "/system": "/system TEXT sets the system prompt; /system alone clears it",
-    "/save": "/save FILE: the conversation as text, or JSON when FILE ends in .json",
-    "/load": "/load FILE: a conversation saved with /save",
+    "/save": "/save FILE: the conversation and its template, as text (JSON if FILE.json)",
+    "/load": "/load FILE: a conversation saved with /save, with its template",
     "/stats": "/stats on|off: speed after every reply",
     "/quit": "leave (Ctrl-D works too)",
 }
@@ -109,6 +111,7 @@ class CommandResult:
     lines: list[str] = field(default_factory=list)
     ok: bool = True
     quit: bool = False
+    warnings: list[str] = field(default_factory=list)  # shown after the lines, highlighted
 
 
 def _fail(line: str) -> CommandResult:
@@ -270,12 +273,13 @@ class ChatSession:
             return _fail("usage: /save FILE (FILE.json for JSON)")
         path = Path(arg).expanduser()
         if path.suffix.lower() == ".json":
-            text = json.dumps({"template": self.template.name, "system": self.system,
+            text = json.dumps({"template": self.template.name, "model": self.model_label,
+                               "system": self.system,
                                "turns": [dataclasses.asdict(t) for t in self.turns],
                                "settings": self.settings.to_dict()},
                               indent=2, ensure_ascii=False) + "\n"
         else:
-            text = transcript(self.system, self.turns)
+            text = transcript(self.system, self.turns, self.template.name, self.model_label)
         try:
             path.write_text(text, encoding="utf-8")
         except OSError as e:
@@ -292,12 +296,22 @@ class ChatSession:
             reason = getattr(e, "strerror", None) or "not UTF-8 text"
             return _fail(f"cannot read {path}: {reason}")
         try:
-            system, turns = (_from_json(text) if path.suffix.lower() == ".json"
-                             else parse_transcript(text))
+            saved = (_from_json(text) if path.suffix.lower() == ".json"
+                     else parse_transcript(text))
         except ValueError as e:
             return _fail(f"{path} is not a saved conversation: {e}")
-        self.system, self.turns, self.first_turn_in_context = system, turns, 0
-        return CommandResult([f"loaded {len(turns)} turns from {path}"])
+        self.system, self.turns, self.first_turn_in_context = saved.system, saved.turns, 0
+        result = CommandResult([f"loaded {len(saved.turns)} turns from {path}"])
+        current = self.template.name
+        if saved.template is None or saved.template == current:
+            return result
+        if saved.template in TEMPLATES:  # the turns read as they were written
+            self.template = TEMPLATES[saved.template]
+            result.warnings.append(f"template {saved.template}, as saved (it was {current})")
+        else:
+            result.warnings.append(f"{path} was saved with the template '{saved.template}', "
+                                   f"which this version lacks; keeping {current}")
+        return result
 
 
 def _problem(settings: SamplingSettings) -> str | None:
@@ -308,22 +322,45 @@ def _problem(settings: SamplingSettings) -> str | None:
     return None
 
 
-def transcript(system: str, turns: list[Turn]) -> str:
-    lines = [f"System: {system}\n"] if system else []
+class Saved(NamedTuple):
+    """A conversation read back from a file."""
+
+    system: str
+    turns: list[Turn]
+    template: str | None  # None when the file does not say (e.g. written by hand)
+
+
+def transcript(system: str, turns: list[Turn], template: str | None = None,
+               model: str = "") -> str:
+    """The conversation as text: ``# key: value`` header lines, then role-marked messages."""
+    header = ["# minigpt chat transcript"]
+    if template:
+        header.append(f"# template: {template}")
+    if model:
+        header.append(f"# model: {model}")
+    lines = ["\n".join(header) + "\n"]
+    if system:
+        lines.append(f"System: {system}\n")
     for t in turns:
         lines.append(f"User: {t.user}\nAssistant: {t.assistant.strip()}\n")
     return "\n".join(lines)
 
 
-def parse_transcript(text: str) -> tuple[str, list[Turn]]:
-    """Read back ``transcript``: a line starting with a role marker opens a message."""
+def parse_transcript(text: str) -> Saved:
+    """Read back ``transcript``: a line starting with a role marker opens a message;
+    ``# key: value`` lines before the first message are the header."""
     messages: list[list] = []
+    header: dict[str, str] = {}
     for line in text.splitlines():
         role = next((r for r in ROLES if line.startswith(f"{r}:")), None)
         if role:
             messages.append([role, line[len(role) + 1:].removeprefix(" ")])
         elif messages:
             messages[-1][1] += "\n" + line
+        elif line.startswith("#"):
+            key, sep, value = line[1:].partition(":")
+            if sep:
+                header[key.strip().lower()] = value.strip()
         elif line.strip():
             raise ValueError("expected lines starting with System:, User: or Assistant:")
     system, turns = "", []
@@ -337,17 +374,18 @@ def parse_transcript(text: str) -> tuple[str, list[Turn]]:
             turns[-1].assistant = body
         else:
             raise ValueError("an Assistant: message without a User: message before it")
-    return system, turns
+    return Saved(system, turns, header.get("template") or None)
 
 
-def _from_json(text: str) -> tuple[str, list[Turn]]:
+def _from_json(text: str) -> Saved:
     try:
         raw = json.loads(text)
         system = raw.get("system") or ""
         turns = [Turn(str(t["user"]), str(t["assistant"])) for t in raw["turns"]]
+        template = raw.get("template")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError("expected JSON with 'turns' of 'user' and 'assistant'") from e
-    return str(system), turns
+    return Saved(str(system), turns, str(template) if template else None)
 
 
 # ---- terminal I/O --------------------------------------------------------------------------
@@ -356,15 +394,27 @@ def _note(console: Console, line: str, ok: bool = True) -> None:
     console.print(Text(line, style="dim" if ok else "yellow"), soft_wrap=True)
 
 
+def _show_result(console: Console, result: CommandResult) -> None:
+    for line in result.lines:
+        _note(console, line, result.ok)
+    for line in result.warnings:
+        _note(console, line, ok=False)
+
+
 def _show_reply(session: ChatSession, message: str, console: Console, safe) -> None:
     pieces = session.respond(message)
+    shown = False
     try:
         for piece in pieces:
             if isinstance(piece, Notice):
                 _note(console, piece.message, ok=False)
             else:
                 console.out(safe(piece), end="")
-        console.out("")
+                shown = True
+        if shown:
+            console.out("")
+        else:  # e.g. the model went straight to the next "User:"
+            _note(console, "(empty reply)")
         if session.show_stats:
             _note(console, session.stats_text())
     except KeyboardInterrupt:
@@ -373,22 +423,16 @@ def _show_reply(session: ChatSession, message: str, console: Console, safe) -> N
         _note(console, "(reply stopped)")
 
 
-def _read_block(first: str, prompt) -> str:
-    """A message between lines of triple quotes; the first line is the opening one."""
-    body = first.strip()[3:]
-    if body.endswith('"""'):
-        return body[:-3]
-    lines = [body] if body else []
-    while True:
-        try:
-            line = prompt()
-        except EOFError:
-            break
-        if line.rstrip().endswith('"""'):
-            lines.append(line.rstrip()[:-3])
-            break
-        lines.append(line)
-    return "\n".join(lines).strip("\n")
+def _open_block(text: str) -> bool:
+    """Whether ``text`` opens a triple-quoted message that is not closed yet."""
+    text = text.strip()
+    return text.startswith('"""') and not text.endswith('"""', 3)
+
+
+def _unquote(text: str) -> str:
+    """The message inside a triple-quoted block (closed or, at end of input, not)."""
+    body = text.strip()[3:]
+    return body.removesuffix('"""').strip("\n")
 
 
 class SlashCompleter(Completer):
@@ -442,13 +486,17 @@ def run_repl(session: ChatSession, console: Console, *, history_path: Path | Non
     def _newline(event) -> None:
         event.current_buffer.insert_text("\n")
 
+    @keys.add("enter", filter=Condition(lambda: _open_block(get_app().current_buffer.text)))
+    def _block_line(event) -> None:  # inside a """ block Enter adds a line: one message,
+        event.current_buffer.insert_text("\n")  # one history entry, editable as a whole
+
     prompt_session = PromptSession(history=_history(history_path, console),
                                    completer=SlashCompleter(), key_bindings=keys,
-                                   input=input, output=output)
-    label = "you> " if session.template.name == "chat" else "> "
+                                   prompt_continuation="... ", input=input, output=output)
     _note(console, f"minigpt chat · {session.model_label} · template {session.template.name}"
                    " · /help for commands, Ctrl-D to leave")
     while True:
+        label = "you> " if session.template.name == "chat" else "> "  # /load may change it
         try:
             text = prompt_session.prompt(label)
         except KeyboardInterrupt:  # clears the line
@@ -456,11 +504,14 @@ def run_repl(session: ChatSession, console: Console, *, history_path: Path | Non
         except EOFError:
             return 0
         if text.strip().startswith('"""'):
-            text = _read_block(text, lambda: prompt_session.prompt("... "))
+            text = _unquote(text)
         if session.is_command(text):
-            result = session.handle_command(text)
-            for line in result.lines:
-                _note(console, line, result.ok)
+            try:
+                result = session.handle_command(text)
+            except KeyboardInterrupt:
+                _note(console, "(interrupted)")
+                continue
+            _show_result(console, result)
             if result.quit:
                 return 0
         elif text.strip():
@@ -479,8 +530,7 @@ def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
             continue
         if session.is_command(message):
             result = session.handle_command(message)
-            for text in result.lines:
-                _note(err, text, result.ok)
+            _show_result(err, result)
             if result.quit:
                 break
             continue

@@ -17,6 +17,7 @@ import dataclasses
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.model import GPT, KVCache
 
 REPETITION_WINDOW = 64  # the repetition penalty looks at this many most recent tokens
+SMALL_STEP = 16  # a CPU step over at most this many (batch x new) tokens runs on one thread
 TOP_P_CANDIDATES = 1024  # top-p first tries the nucleus among this many best tokens
 
 # The CLI flag that sets each field, for error messages.
@@ -76,6 +78,8 @@ def _first_problem(s: SamplingSettings) -> tuple[str, str] | None:
         value = getattr(s, key)
         if not ok or value != value:  # also rejects NaN
             return key, f"{text}, got {value}"
+    if s.seed is not None and not 0 <= s.seed < 2**64:  # what torch's generator takes
+        return "seed", f"must be between 0 and 2**64 - 1, got {s.seed}"
     if any(not isinstance(x, str) for x in s.stop):
         return "stop", "must be text"
     return None
@@ -230,10 +234,31 @@ class CachedLM:
         B, T = idx.shape
         start = self.cache.length
         self.tokens[:B, start:start + T] = idx
-        x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
+        with one_thread(idx.device.type == "cpu" and B * T <= SMALL_STEP):
+            x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
         if self.head_t is not None:
             return x @ self.head_t  # (B, V)
         return F.linear(x, self.model.lm_head.weight)
+
+
+@contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Run torch's CPU operators on one thread for a while (torch's setting is global).
+
+    A decoding step through the layers is dozens of tiny operators; waking a second thread
+    for each costs more than it saves, and stalls every one of them for milliseconds when
+    another process keeps the other cores busy (a 10x slower step on a shared 2-core
+    machine). The output head, one large matrix product, keeps all threads.
+    """
+    threads = torch.get_num_threads()
+    if not enabled or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def head_for_decoding(model: GPT) -> torch.Tensor | None:
@@ -249,37 +274,57 @@ def head_for_decoding(model: GPT) -> torch.Tensor | None:
 # ---- text that never splits a character ------------------------------------------------
 
 class TextStream:
-    """Token ids in, text out as soon as it is whole characters.
+    """Token ids in, text out as soon as it is whole characters; ``push``es plus ``flush``
+    equal ``tokenizer.decode`` of all the tokens.
 
-    With ``decode_bytes`` the bytes go through an incremental UTF-8 decoder: a character
-    split across tokens waits for its last byte, bytes that can never form one become
-    U+FFFD. Without it, the tokens so far are decoded again and only the part that has
-    settled (no trailing U+FFFD) is released. Either way ``push``es plus ``flush`` equal
-    ``tokenizer.decode`` of all the tokens.
+    With ``decode_bytes``, an incremental UTF-8 decoder says whether the bytes so far end
+    inside a character. The text itself comes from the tokenizer's ``decode`` of the tokens
+    since the last character boundary (with the token before them as left context, for
+    decoders that treat a first token specially, like a SentencePiece dummy prefix), so
+    invalid bytes become U+FFFD just as ``decode`` has them; while a character is unfinished
+    the U+FFFD standing for its bytes so far is held back. Without ``decode_bytes``, all the
+    tokens are decoded again and the part that has settled (no trailing U+FFFD) is released.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._decode_bytes = getattr(tokenizer, "decode_bytes", None)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._ids: list[int] = []
-        self._released = 0  # characters of decode(self._ids) already returned
+        self._ids: list[int] = []  # the tokens since the last boundary (and the one before)
+        self._context = 0  # 1 when self._ids starts with the token before the boundary
+        self._released = 0  # characters of the text of self._ids already returned
 
     def push(self, token_id: int) -> str:
-        if self._decode_bytes is not None:
-            return self._utf8.decode(self._decode_bytes([token_id]))
         self._ids.append(token_id)
-        text = self.tokenizer.decode(self._ids)
-        settled = len(text.rstrip("\ufffd"))
-        out = text[self._released:settled]
-        self._released = max(self._released, settled)
-        return out
+        if self._decode_bytes is None:
+            return self._release(self.tokenizer.decode(self._ids), boundary=False)
+        self._utf8.decode(self._decode_bytes([token_id]))
+        unfinished = bool(self._utf8.getstate()[0])
+        return self._release(self._text(), boundary=not unfinished)
 
     def flush(self) -> str:
-        if self._decode_bytes is not None:
-            return self._utf8.decode(b"", final=True)
-        out = self.tokenizer.decode(self._ids)[self._released:]
+        if self._decode_bytes is None:
+            text = self.tokenizer.decode(self._ids)
+        else:
+            self._utf8.reset()
+            text = self._text()
+        out = text[self._released:]
         self._released += len(out)
+        return out
+
+    def _text(self) -> str:
+        text = self.tokenizer.decode(self._ids)
+        if self._context:
+            text = text[len(self.tokenizer.decode(self._ids[:1])):]
+        return text
+
+    def _release(self, text: str, boundary: bool) -> str:
+        if not boundary:
+            text = text.rstrip("\ufffd")  # perhaps an unfinished character: wait
+        out = text[self._released:]
+        self._released = max(self._released, len(text))
+        if boundary:
+            self._ids, self._context, self._released = self._ids[-1:], 1, 0
         return out
 
 
@@ -477,7 +522,9 @@ class Engine:
     def _sample(self, logits, settings, gen, recent) -> torch.Tensor:
         if self._vocab_limit is not None:  # never sample ids the tokenizer cannot decode
             logits = logits[..., :self._vocab_limit]
-        return sample_next(logits, settings, gen, recent)
+        # a few passes over one row of logits: too small to be worth a second thread
+        with one_thread(logits.device.type == "cpu" and logits.size(0) <= SMALL_STEP):
+            return sample_next(logits, settings, gen, recent)
 
     @staticmethod
     def _finish(i: int, sample: _Sample, reason: str) -> Iterator[Event]:

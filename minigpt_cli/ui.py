@@ -66,3 +66,14 @@ def human_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# C0 controls but tab and newline, DEL, and C1 controls: shown as symbols on a terminal so
+# that model output can never drive it (escape sequences, clearing the screen, ...).
+_CONTROLS = {c: 0x2400 + c for c in range(0x20) if c not in (9, 10)} | {0x7F: 0x2421} \
+    | {c: 0xFFFD for c in range(0x80, 0xA0)}
+
+
+def terminal_safe(text: str) -> str:
+    """Model text made harmless for a terminal: control characters become visible symbols."""
+    return text.translate(_CONTROLS)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
@@ -21,6 +24,8 @@ from minigpt_cli.model import GPT
 from minigpt_cli.repl import (
     TEMPLATES,
     ChatSession,
+    Saved,
+    SlashCompleter,
     Turn,
     data_dir,
     parse_transcript,
@@ -33,6 +38,13 @@ from minigpt_cli.sampling import Engine, SamplingSettings
 runner = CliRunner()
 TOY = dict(vocab_size=257, max_seq_length=32, embed_dim=32, num_heads=2, num_layers=2,
            ff_dim=64, dropout=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Toy models gain nothing from threads, and lose much to them on a busy machine."""
+    with sampling.one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +179,14 @@ def test_set_changes_settings(model, tok):
     ("/set temperature hot", "temperature needs a number"),
     ("/set colour blue", "usage: /set KEY VALUE"),
     ("/set temperature", "usage: /set KEY VALUE"),
+    ("/set top_k -1", "top_k must be >= 0"),
+    ("/set top_p 1.5", "top_p must be in (0, 1]"),
+    ("/set min_p 2", "min_p must be in [0, 1]"),
+    ("/set repetition_penalty 0", "repetition_penalty must be > 0"),
+    ("/set temperature nan", "temperature must be >= 0"),
+    ("/set seed -5", "seed must be between 0 and 2**64 - 1"),
+    ("/set seed lucky", "seed needs a whole number, got 'lucky'"),
+    ("/set max_tokens 1e3", "max_tokens needs a whole number"),
     ("/frobnicate", "unknown command /frobnicate; type /help"),
     ("/stats maybe", "usage: /stats on|off"),
     ("/save", "usage: /save FILE"),
@@ -207,11 +227,41 @@ def test_save_and_load_round_trip(model, tok, tmp_path, name):
     assert s.handle_command(f"/save {tmp_path / name}").ok
     other = session(model, tok)
     result = other.handle_command(f"/load {tmp_path / name}")
-    assert result.ok and "2 turns" in result.lines[0]
+    assert result.ok and "2 turns" in result.lines[0] and not result.warnings
     assert other.turns == s.turns and other.system == "Be kind."
+    assert other.template.name == "chat"
+    saved = (tmp_path / name).read_text()
     if name.endswith(".json"):
-        assert json.loads((tmp_path / name).read_text())["turns"][0] == {
-            "user": "Hi", "assistant": "Hello!"}
+        raw = json.loads(saved)
+        assert raw["turns"][0] == {"user": "Hi", "assistant": "Hello!"}
+        assert raw["template"] == "chat" and raw["model"] == "runs/toy"
+    else:
+        assert saved.startswith("# minigpt chat transcript\n# template: chat\n"
+                                "# model: runs/toy\n\nSystem: Be kind.\n\nUser: Hi\n")
+
+
+@pytest.mark.parametrize("name", ["chat.json", "chat.txt"])
+def test_load_restores_the_template_it_was_saved_with(model, tok, tmp_path, name):
+    s = session(model, tok, template="chat")
+    s.turns = [Turn("Hi", "Hello!")]
+    s.handle_command(f"/save {tmp_path / name}")
+    plain = session(model, tok, template="plain")
+    result = plain.handle_command(f"/load {tmp_path / name}")
+    assert result.ok and plain.template.name == "chat"
+    assert result.warnings == ["template chat, as saved (it was plain)"]
+    assert "template   chat" in plain.handle_command("/show").lines
+
+
+def test_load_warns_about_a_template_it_does_not_know(model, tok, tmp_path):
+    (tmp_path / "a.txt").write_text("# template: alpaca\nUser: Hi\nAssistant: Yo\n")
+    (tmp_path / "b.txt").write_text("User: Hi\nAssistant: Yo\n")  # written by hand
+    s = session(model, tok, template="plain")
+    result = s.handle_command(f"/load {tmp_path / 'a.txt'}")
+    assert result.ok and s.template.name == "plain" and s.turns == [Turn("Hi", "Yo")]
+    assert len(result.warnings) == 1 and "'alpaca'" in result.warnings[0]
+    assert "keeping plain" in result.warnings[0]
+    result = s.handle_command(f"/load {tmp_path / 'b.txt'}")
+    assert result.ok and not result.warnings and s.template.name == "plain"
 
 
 def test_load_rejects_other_files(model, tok, tmp_path):
@@ -226,7 +276,9 @@ def test_load_rejects_other_files(model, tok, tmp_path):
 
 def test_transcript_parsing():
     turns = [Turn("a", "b"), Turn("c", "")]
-    assert parse_transcript(transcript("sys", turns)) == ("sys", turns)
+    assert parse_transcript(transcript("sys", turns, "plain", "runs/x")) == Saved(
+        "sys", turns, "plain")
+    assert parse_transcript(transcript("", turns)) == Saved("", turns, None)
 
 
 # ---- the prompt-toolkit loop ------------------------------------------------------------------
@@ -254,12 +306,64 @@ def test_repl_commands_reply_and_ctrl_d(model, tok, data_home, scripted):
     assert "+hello" in saved and "+/set temperature 0.3" in saved
 
 
-def test_repl_multi_line_input_ctrl_c_and_quit(model, tok):
-    s = session(model, tok, max_new_tokens=3)
-    keys = 'one\x1b\rtwo\r"""\rthree\rfour\r"""\r\x03/quit\r'
-    code, _ = drive(s, keys)
+def test_repl_empty_reply_and_stats(model, tok, scripted):
+    scripted("\nUser: the model speaks for the user")
+    s = session(model, tok, max_new_tokens=40)
+    code, out = drive(s, "/stats on\rhi\r/quit\r")
     assert code == 0
-    assert [t.user for t in s.turns] == ["one\ntwo", "three\nfour"]
+    assert "(empty reply)\n" in out and " tokens/s · first token " in out and "· stop" in out
+
+
+def test_repl_multi_line_input_ctrl_c_and_quit(model, tok, data_home):
+    s = session(model, tok, max_new_tokens=3)
+    keys = 'one\x1b\rtwo\r"""\rthree\rfour\r"""\r"""five\rsix"""\rhalf\x03/quit\r'
+    code, _ = drive(s, keys, data_home / "history")
+    assert code == 0
+    assert [t.user for t in s.turns] == ["one\ntwo", "three\nfour", "five\nsix"]
+    saved = (data_home / "history").read_text()  # a block is one entry, recalled whole
+    assert '\n+"""\n+three\n+four\n+"""\n' in saved and "+half" not in saved
+
+
+def test_ctrl_c_during_a_reply_keeps_the_session(model, tok, scripted, monkeypatch):
+    scripted("abcdef")
+    script, calls = sampling.sample_next, 0
+
+    def interrupted(*args, **kwargs):  # Ctrl-C arrives while the third token is sampled
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            signal.raise_signal(signal.SIGINT)
+        return script(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_next", interrupted)
+    s = session(model, tok, template="plain", max_new_tokens=40)
+    code, out = drive(s, "hello\ragain\r/show\r/quit\r")
+    assert code == 0
+    assert "ab\n(reply stopped)\nabcdef\n" in out
+    assert s.turns == [Turn("hello", "ab"), Turn("again", "abcdef")]  # the session went on
+    assert "(1 of 2 turns)" in out  # /show still answers; the first turn no longer fits
+
+
+def test_repl_save_and_load(model, tok, tmp_path, scripted):
+    scripted(" Hello.")
+    s = session(model, tok, max_new_tokens=40)
+    path = tmp_path / "t.txt"
+    code, out = drive(s, f"Hi\r/save {path}\r/reset\r/load {path}\r/quit\r")
+    assert code == 0 and f"saved 1 turns to {path}" in out and f"loaded 1 turns from {path}" in out
+    assert s.turns == [Turn("Hi", "Hello.")]
+    assert "User: Hi\nAssistant: Hello.\n" in path.read_text()
+
+
+def test_tab_completion():
+    def complete(text: str) -> list[str]:
+        doc = Document(text, len(text))
+        return [c.text for c in SlashCompleter().get_completions(doc, CompleteEvent())]
+
+    assert complete("/s") == ["/set", "/show", "/system", "/save", "/stats"]
+    assert complete("/set t") == ["temperature", "top_k", "top_p"]
+    assert complete("/set ma") == ["max_tokens"]
+    assert complete("/stats o") == ["on", "off"]
+    assert complete("hello /s") == []
 
 
 def test_piped_chat_prints_one_reply_per_message(model, tok, scripted):
@@ -327,6 +431,7 @@ def test_generate_reads_stdin_and_stops(run_dir, scripted):
 @pytest.mark.parametrize("flag, value", [
     ("--temperature", "-1"), ("--top-p", "1.5"), ("--top-k", "-3"), ("--min-p", "2"),
     ("--repetition-penalty", "0"), ("--max-new-tokens", "0"), ("--num-samples", "0"),
+    ("--seed", "-1"),
 ])
 def test_generate_rejects_bad_values_before_loading(tmp_path, flag, value):
     result = invoke("generate", "--model", tmp_path / "nowhere", "--prompt", "x", flag, value)
@@ -340,6 +445,24 @@ def test_chat_command_piped(run_dir, scripted):
     result = invoke("chat", "--model", run_dir, "--template", "chat", input="Hi\n/quit\nmore\n")
     assert result.exit_code == 0, result.output
     assert result.stdout == "Hello.\n"
+
+
+def test_chat_command_reads_messages_until_the_end_of_input(run_dir, scripted, tmp_path):
+    scripted(" Fine [b]thanks[/b].")
+    saved = tmp_path / "t.json"
+    result = invoke("chat", "--model", run_dir, "--template", "chat",
+                    input=f"Hi\nHow are you?\n/save {saved}\nBye")  # no newline at the end
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Fine [b]thanks[/b].\n\n" * 2 + "Fine [b]thanks[/b].\n"
+    raw = json.loads(saved.read_text())
+    assert raw["template"] == "chat" and len(raw["turns"]) == 2
+
+
+def test_chat_command_rejects_stdin_that_is_not_utf8(run_dir, scripted):
+    scripted(" Hello.")
+    result = runner.invoke(app, ["chat", "--model", str(run_dir)], input=b"Hi\n\xff\xfe\n")
+    assert result.exit_code == 1
+    assert "not UTF-8" in result.stderr and "Traceback" not in result.output
 
 
 def test_chat_rejects_a_bad_template(run_dir):

@@ -38,7 +38,19 @@ from minigpt_cli.sampling import (
 SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR")
               or Path(__file__).resolve().parents[2] / "shared")
 INF = float("inf")
-TEXT = "héllo wörld 👋🏽 世界、こんにちは ok\n¡ñ! 🎉"
+TEXT = "héllo wörld 👋🏽 世界、こんにちは ok\n¡ñ! 🎉 漢字"
+# Training text for the tokenizers that learn a vocabulary. It lacks 🏽 and 字, so
+# sentencepiece spells those with byte-fallback pieces, one byte each.
+TRAINING_TEXT = ("héllo wörld 👋 世界 こんにちは 🎉 ok. The quick brown fox jumps over it.\n"
+                 "Hello world, 世界は広い。こんにちは、元気ですか? 🎉🎉 ñandú ¡hola! 漢\n") * 20
+TOKENIZERS = ["byte", "char", "tiktoken", "sentencepiece"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Toy models gain nothing from threads, and lose much to them on a busy machine."""
+    with sampling.one_thread():
+        yield
 
 
 def toy(vocab_size: int = 257, seed: int = 0) -> GPT:
@@ -66,6 +78,24 @@ def gpt2_tok():
     return minigpt_tokenizers.create(f"tiktoken:{ranks}")
 
 
+@pytest.fixture(scope="module")
+def char_tok():
+    return minigpt_tokenizers.create("char", lambda: [TRAINING_TEXT + TEXT])
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+    return minigpt_tokenizers.create("sentencepiece:bpe:400", lambda: [TRAINING_TEXT])
+
+
+@pytest.fixture
+def tokenizer(request):
+    """The built-in tokenizer named by the test's ``name`` parameter."""
+    fixture = {"byte": "byte_tok", "char": "char_tok", "tiktoken": "gpt2_tok",
+               "sentencepiece": "sp_tok"}[request.getfixturevalue("name")]
+    return request.getfixturevalue(fixture)
+
+
 def run(model, tok, prompt, **kw) -> tuple[list, GenerationResult]:
     events = list(generate(model, tok, prompt, SamplingSettings(**kw)))
     assert isinstance(events[-1], GenerationResult)
@@ -78,19 +108,53 @@ def streamed(events, sample=0) -> str:
 
 # ---- the KV cache -------------------------------------------------------------------------------
 
+def next_window(n: int, context: int = 32) -> int:
+    """How many of the latest tokens the model sees after one more: all of them up to the
+    context, then the window restarts from the latest half (re-prefilled)."""
+    return n + 1 if n < context else context // 2
+
+
 @pytest.mark.parametrize("head_t", [False, True])
 def test_cached_logits_equal_full_forward_at_every_step_across_the_window(model, head_t):
     torch.manual_seed(1)
     lm = CachedLM(model, batch_size=2,
                   head_t=sampling.head_for_decoding(model) if head_t else None)
-    logits = lm.prefill(torch.randint(0, 257, (2, 20)))
-    for _ in range(70):  # context 32: the window slides several times
+    seq = torch.randint(0, 257, (2, 20))  # the whole sequence, kept apart from the cache
+    logits, n = lm.prefill(seq), 20
+    for step in range(70):  # context 32: the window slides several times
         with torch.inference_mode():
-            full = model(lm.window)[0][:, -1]
-        torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
-        assert lm.window.size(1) <= 32
-        logits = lm.append(torch.randint(0, 257, (2, 1)))
-    assert lm.slides >= 3
+            full = model(seq[:, -n:])[0][:, -1]  # a fresh forward over the latest n tokens
+        torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+        new = torch.randint(0, 257, (2, 1))
+        seq, n = torch.cat([seq, new], dim=1), next_window(n)
+        logits = lm.append(new)
+        assert torch.equal(lm.window, seq[:, -n:])
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, model(seq[:, -n:])[0][:, -1], atol=1e-5, rtol=1e-5)
+    assert lm.slides == 4 and seq.size(1) == 90
+
+
+def test_small_steps_run_on_one_thread_and_restore_the_setting(model, byte_tok, monkeypatch):
+    seen = []
+    features = model.features
+
+    def spy(idx, cache=None):
+        seen.append((idx.numel(), torch.get_num_threads()))
+        return features(idx, cache)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(model, "features", spy)
+        run(model, byte_tok, "x" * 20, max_new_tokens=3, seed=0)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), sampling.one_thread():
+            assert torch.get_num_threads() == 1
+            raise KeyError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(20, 2), (1, 1), (1, 1)]  # the prompt of 20 tokens keeps both threads
 
 
 def test_prefill_of_one_row_is_shared_by_the_batch(model):
@@ -127,15 +191,16 @@ def test_empty_prompt_starts_from_end_of_text(model, byte_tok):
 
 def test_greedy_is_deterministic_and_matches_a_plain_argmax_loop(model, byte_tok):
     prompt = byte_tok.encode("Hello")
-    texts = [complete(model, byte_tok, prompt, SamplingSettings(max_new_tokens=20,
-                                                                 temperature=0))[0]
-             for _ in range(2)]
+    settings = SamplingSettings(max_new_tokens=80, temperature=0)  # past the context of 32
+    texts = [complete(model, byte_tok, prompt, settings)[0] for _ in range(2)]
     assert texts[0] == texts[1]
-    idx = torch.tensor([prompt])
+    seq, n = list(prompt), len(prompt)
     with torch.inference_mode():
-        for _ in range(20):
-            idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert texts[0] == byte_tok.decode(idx[0, len(prompt):].tolist())
+        for _ in range(80):  # a full forward for every token, over the engine's window
+            seq.append(int(model(torch.tensor([seq[-n:]]))[0][0, -1].argmax()))
+            n = next_window(n)
+    assert seq[-1] != byte_tok.eot_id
+    assert texts[0] == byte_tok.decode(seq[len(prompt):])
 
 
 def test_greedy_samples_in_a_batch_are_identical(model, byte_tok):
@@ -276,7 +341,8 @@ def test_tokens_the_tokenizer_cannot_decode_are_never_sampled(byte_tok):
     ("top_p", 1.5, "--top-p"), ("top_k", -1, "--top-k"), ("min_p", 1.5, "--min-p"),
     ("min_p", -0.1, "--min-p"), ("repetition_penalty", 0.0, "--repetition-penalty"),
     ("max_new_tokens", 0, "--max-new-tokens"), ("num_samples", 0, "--num-samples"),
-    ("temperature", float("nan"), "--temperature"),
+    ("temperature", float("nan"), "--temperature"), ("seed", -1, "--seed"),
+    ("seed", 2**64, "--seed"),
 ])
 def test_invalid_settings_name_the_flag(field, value, flag):
     with pytest.raises(MiniGPTError) as e:
@@ -367,34 +433,40 @@ def stream_pieces(tok, ids) -> list[str]:
     return [stream.push(i) for i in ids] + [stream.flush()]
 
 
-def check_stream(tok, text):
-    ids = tok.encode(text)
-    for t in (tok, DecodeOnly(tok)):
+def split_points(tok, ids) -> list[int]:
+    """Where the tokens cut a character in two: the decode of the first n ends in U+FFFD."""
+    return [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_stream_never_splits_characters(name, tokenizer):
+    ids = tokenizer.encode(TEXT)
+    assert tokenizer.decode(ids) == TEXT
+    for t in (tokenizer, DecodeOnly(tokenizer)):
         pieces = stream_pieces(t, ids)
-        assert "".join(pieces) == text
+        assert "".join(pieces) == TEXT
         assert all("\ufffd" not in p for p in pieces)  # no character was ever split
-    return pieces
+    if name != "char":  # the test means something: some characters do span tokens
+        assert split_points(tokenizer, ids)
 
 
-def test_stream_never_splits_characters_byte_tokenizer(byte_tok):
-    check_stream(byte_tok, TEXT)
-    emoji = byte_tok.encode("👋")
-    assert stream_pieces(byte_tok, emoji) == ["", "", "", "👋", ""]
+def test_stream_waits_for_the_last_byte(byte_tok):
+    assert stream_pieces(byte_tok, byte_tok.encode("👋")) == ["", "", "", "👋", ""]
 
 
-def test_stream_never_splits_characters_gpt2(gpt2_tok):
-    ids = gpt2_tok.encode(TEXT)
-    assert len(ids) > len(TEXT) // 2  # GPT-2 splits many of these characters across tokens
-    check_stream(gpt2_tok, TEXT)
+def test_sentencepiece_spells_unseen_characters_with_byte_pieces(sp_tok):
+    ids = sp_tok.encode("🏽字")
+    assert len(ids) == 7 and all(sp_tok.sp.is_byte(i) for i in ids)
 
 
-def test_stream_equals_decode_for_arbitrary_tokens(byte_tok, gpt2_tok):
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_stream_equals_decode_for_arbitrary_tokens(name, tokenizer):
     rng = random.Random(0)
-    for tok, high in ((byte_tok, 256), (gpt2_tok, 50256)):
-        for _ in range(300):
-            ids = [rng.randrange(high) for _ in range(rng.randrange(1, 12))]
-            for t in (tok, DecodeOnly(tok)):
-                assert "".join(stream_pieces(t, ids)) == tok.decode(ids)
+    for _ in range(300):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 12))]
+        ids = [i for i in ids if i != tokenizer.eot_id]  # it ends a sample, never streamed
+        for t in (tokenizer, DecodeOnly(tokenizer)):
+            assert "".join(stream_pieces(t, ids)) == tokenizer.decode(ids), ids
 
 
 def test_invalid_bytes_become_replacement_characters(byte_tok):
@@ -402,11 +474,49 @@ def test_invalid_bytes_become_replacement_characters(byte_tok):
     assert "".join(stream_pieces(byte_tok, [0x41, 0xF0, 0x9F])) == "A\ufffd"
 
 
-def test_engine_streams_whole_characters(model, gpt2_tok, scripted):
-    big = toy(vocab_size=50257)
-    ids = gpt2_tok.encode(TEXT)
-    scripted([*ids, gpt2_tok.eot_id])
-    events, result = run(big, gpt2_tok, "x", max_new_tokens=200)
-    deltas = [e.text for e in events if isinstance(e, TextDelta)]
-    assert "".join(deltas) == result.samples[0].text == TEXT
-    assert all("\ufffd" not in d for d in deltas)
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_engine_streams_text_as_soon_as_it_is_whole(name, tokenizer, monkeypatch):
+    """Through the engine, token by token: before each new token is sampled, the text
+    streamed so far is exactly the decode of the tokens so far, less a character still
+    missing bytes; never a U+FFFD; in the end, the decode of the whole sequence."""
+    ids = tokenizer.encode(TEXT)
+    script = iter([*ids, tokenizer.eot_id])
+    shown: list[str] = []
+    sampled = 0
+
+    def fake_sample_next(logits, settings, generator=None, recent=None):
+        nonlocal sampled
+        assert "".join(shown) == tokenizer.decode(ids[:sampled]).rstrip("\ufffd"), sampled
+        sampled += 1
+        return torch.full((logits.size(0),), next(script), dtype=torch.long)
+
+    monkeypatch.setattr(sampling, "sample_next", fake_sample_next)
+    settings = SamplingSettings(max_new_tokens=len(ids) + 5)
+    for event in generate(toy(vocab_size=tokenizer.vocab_size), tokenizer, "o", settings):
+        if isinstance(event, TextDelta):
+            assert "\ufffd" not in event.text
+            shown.append(event.text)
+        elif isinstance(event, GenerationResult):
+            result = event
+    assert sampled == len(ids) + 1 and result.samples[0].finish_reason == "eot"
+    assert "".join(shown) == result.samples[0].text == tokenizer.decode(ids) == TEXT
+    assert result.samples[0].tokens == ids
+
+
+class DummyPrefix:
+    """Decodes like SentencePiece with a dummy prefix: the text's leading space is dropped."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids):
+        return self.tok.decode(ids).removeprefix(" ")
+
+    def decode_bytes(self, ids):
+        return self.tok.decode_bytes(ids)
+
+
+def test_stream_follows_a_decoder_that_treats_the_first_token_specially(byte_tok):
+    tok = DummyPrefix(byte_tok)
+    ids = byte_tok.encode(" a b 世")
+    assert "".join(stream_pieces(tok, ids)) == tok.decode(ids) == "a b 世"

@@ -20,7 +20,6 @@ from minigpt_cli.commands.generate import (
     Temperature,
     TopK,
     TopP,
-    terminal_safe,
     unescape,
 )
 from minigpt_cli.device import configure_backends, select_device
@@ -51,8 +50,9 @@ def register(app: typer.Typer) -> None:
 def chat(
     model: ModelDir = None,
     template: Annotated[str, typer.Option(
-        help="plain: the model continues your text (base models). chat: 'User:' and "
-             "'Assistant:' turns.")] = "plain",
+        help="How turns become the model's text. plain: the model continues your text (base "
+             "models, trained on plain text). chat: 'User:' and 'Assistant:' turns (models "
+             "trained on such dialogue). Saved in transcripts; /load restores it.")] = "plain",
     system: Annotated[str, typer.Option(help="Text placed before the conversation.")] = "",
     max_new_tokens: MaxNewTokens = 200,
     temperature: Temperature = 0.8,
@@ -79,9 +79,12 @@ def chat(
     session = ChatSession(Engine(run.model, run.tokenizer, dev), settings, template=template,
                           system=system, model_label=str(run.run_dir))
     if not sys.stdin.isatty():
-        code = run_piped(session, sys.stdin, ui.console, ui.err_console)
+        try:
+            code = run_piped(session, sys.stdin, ui.console, ui.err_console)
+        except UnicodeDecodeError as e:
+            raise MiniGPTError("the messages on stdin are not UTF-8 text") from e
     else:
-        safe = terminal_safe if ui.console.is_terminal else (lambda s: s)
+        safe = ui.terminal_safe if ui.console.is_terminal else (lambda s: s)
         code = run_repl(session, ui.console, history_path=data_dir() / "chat_history",
                         safe=safe)
     raise typer.Exit(code)

@@ -60,18 +60,10 @@ ModelDir = Annotated[Path | None, typer.Option(
 
 _ESCAPE = re.compile(r"\\(.)")
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
-# C0 controls but tab and newline, DEL, and C1 controls: shown as symbols on a terminal so
-# that model output can never drive it (escape sequences, clearing the screen, ...).
-_CONTROLS = {c: 0x2400 + c for c in range(0x20) if c not in (9, 10)} | {0x7F: 0x2421} \
-    | {c: 0xFFFD for c in range(0x80, 0xA0)}
 
 
 def unescape(text: str) -> str:
     return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(0)), text)
-
-
-def terminal_safe(text: str) -> str:
-    return text.translate(_CONTROLS)
 
 
 def register(app: typer.Typer) -> None:
@@ -112,6 +104,9 @@ def generate(
     configure_backends(dev)
     run = load_run(model, dev)
     engine = Engine(run.model, run.tokenizer, dev)
+    if not text and (prompt is not None or prompt_file is not None or not sys.stdin.isatty()):
+        ui.warn("the prompt is empty: generating from the start of a new document "
+                "(end-of-text)")
     events = engine.generate(text, settings)
     if json_out:
         result = None
@@ -171,7 +166,7 @@ class StreamView:
         self.console = console
         self.prompt = prompt
         self.num_samples = num_samples
-        self.safe = terminal_safe if console.is_terminal else (lambda s: s)
+        self.safe = ui.terminal_safe if console.is_terminal else (lambda s: s)
         self.current = -1
         self.waiting: dict[int, list[str]] = {}
         self.finished: set[int] = set()
