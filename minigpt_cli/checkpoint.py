@@ -10,25 +10,34 @@ A run directory describes itself::
     checkpoints/best.json       which step directory has the best validation loss
 
 Weights and optimizer tensors are safetensors, everything else JSON or YAML: loading
-never unpickles anything. A step directory is written under a temporary name and renamed
-into place, and the pointer files are replaced atomically, so a crash at any moment leaves
-the previous checkpoint loadable.
+never unpickles anything, and never follows a path or a link out of the run directory.
+
+A checkpoint is written file by file (each fsynced) into a temporary directory; its
+manifest, ``state.json``, goes last and records the size and sha256 of the other files.
+The directory is then renamed into place, and only after that are the pointer files
+replaced atomically. A crash or ``kill -9`` at any moment therefore leaves the pointers on
+a complete checkpoint. Loading checks every file against the manifest, so a file that was
+truncated or damaged afterwards is reported instead of loaded; ``--resume`` then falls back
+to the newest older checkpoint that is intact (``train.keep_last`` keeps more of them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 import minigpt_tokenizers
 from minigpt_cli.config import Config
@@ -41,9 +50,21 @@ METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 TRAINING_FILE = "training.safetensors"
-STATE_FILE = "state.json"
+STATE_FILE = "state.json"  # written last: the manifest of the step directory
 TIED_KEYS = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
-_STEP_DIR = re.compile(r"^step-\d{7,}$")
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+_LEFTOVER = (".tmp-", ".old-")  # prefixes of directories a crash may leave behind
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes private (0600/0700) files; run files get the usual permissions instead
+_UMASK = _read_umask()
+_FILE_MODE, _DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
 # ---- atomic file helpers -----------------------------------------------------------------
@@ -65,6 +86,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file, fsync and rename, so readers see old or new, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -76,18 +98,51 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """``path``, unless it (or a link on the way) leads out of ``root``."""
+    real_root, real = root.resolve(), path.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise CheckpointError(f"{path} points outside {root}",
+                              "a run directory must hold its own files; remove the link")
+    return path
 
 
 # ---- run directories ---------------------------------------------------------------------
 
-def create_run_dir(run_dir: Path) -> Path:
-    """Make a new, empty run directory; an existing run is never overwritten."""
-    if run_dir.exists() and any(run_dir.iterdir()):
+def check_new_run_dir(run_dir: Path) -> None:
+    """Fail early, before any work, when ``run_dir`` cannot become a new run directory."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is a file, not a directory",
+                              "choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         raise CheckpointError(f"{run_dir} already exists and is not empty",
                               "pass --resume to continue it, or choose another --out")
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot create {run_dir}: {parent} is not a writable directory",
+                              "choose a writable --out directory")
+
+
+def create_run_dir(run_dir: Path) -> Path:
+    """Make a new, empty run directory; an existing run is never overwritten."""
+    check_new_run_dir(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -100,8 +155,12 @@ def create_run_dir(run_dir: Path) -> Path:
 
 
 def write_run_files(run_dir: Path, config: Config, tokenizer) -> None:
-    atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
-    tokenizer.save(run_dir / TOKENIZER_DIR)
+    try:
+        atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
+        tokenizer.save(run_dir / TOKENIZER_DIR)
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {run_dir}: {e.strerror or e}",
+                              "choose a writable --out directory with free space") from e
 
 
 def is_run_dir(path: Path) -> bool:
@@ -124,16 +183,26 @@ def find_latest_run(root: Path = Path("runs")) -> Path:
 
 def load_config(run_dir: Path) -> Config:
     try:
-        return Config.from_file(run_dir / CONFIG_FILE).validate()
+        return Config.from_file(_inside(run_dir, run_dir / CONFIG_FILE)).validate()
     except ConfigError as e:
         raise CheckpointError(f"{run_dir} has an unusable config: {e}") from e
 
 
 def load_tokenizer(run_dir: Path):
-    return minigpt_tokenizers.load(run_dir / TOKENIZER_DIR)
+    """The run's tokenizer; ``minigpt_tokenizers.load`` keeps its files inside the folder."""
+    try:
+        return minigpt_tokenizers.load(_inside(run_dir, run_dir / TOKENIZER_DIR))
+    except minigpt_tokenizers.TokenizerError as e:
+        raise CheckpointError(e.message, "put back the tokenizer/ folder the run was "
+                              "trained with") from e
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
+
+def _step_of(name: str) -> int | None:
+    m = _STEP_DIR.match(name)
+    return int(m[1]) if m else None
+
 
 def _pointer(run_dir: Path, which: str) -> Path | None:
     path = run_dir / CKPT_DIR / f"{which}.json"
@@ -141,11 +210,13 @@ def _pointer(run_dir: Path, which: str) -> Path | None:
         return None
     try:
         name = json.loads(path.read_text())["dir"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is corrupt") from e
-    if not isinstance(name, str) or not _STEP_DIR.match(name):  # no path traversal
-        raise CheckpointError(f"{path} points outside the run directory")
-    return run_dir / CKPT_DIR / name
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt",
+                              "delete it; --resume then uses the newest intact checkpoint") from e
+    if not isinstance(name, str) or _step_of(name) is None:  # no path traversal
+        raise CheckpointError(f"{path} points outside the run directory",
+                              "delete it; --resume then uses the newest intact checkpoint")
+    return _inside(run_dir, run_dir / CKPT_DIR / name)
 
 
 def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
@@ -159,55 +230,174 @@ def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
     return path
 
 
-def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict[str, Any],
-                    training_tensors: dict[str, torch.Tensor], best: bool) -> Path:
-    """Write weights, training tensors and ``state`` for ``step``; update the pointers."""
+def step_dirs(run_dir: Path) -> list[Path]:
+    """Every step directory of a run, newest first."""
     ckpts = run_dir / CKPT_DIR
-    ckpts.mkdir(exist_ok=True)
-    final = ckpts / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpts, prefix=".tmp-"))
+    if not ckpts.is_dir():
+        return []
+    found = [d for d in ckpts.iterdir() if _step_of(d.name) is not None and d.is_dir()]
+    return sorted(found, key=lambda d: _step_of(d.name), reverse=True)
+
+
+def resume_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
+    """The checkpoint to continue from and a note for each damaged one skipped: the latest,
+    or when it does not pass :func:`verify` the newest older one that does."""
+    notes: list[str] = []
     try:
+        latest = _pointer(run_dir, "latest")
+    except CheckpointError as e:
+        latest = None
+        notes.append(str(e))
+    newest = _step_of(latest.name) if latest else None
+    older = [d for d in step_dirs(run_dir)
+             if d != latest and (newest is None or _step_of(d.name) < newest)]
+    for candidate in ([latest] if latest else []) + older:
+        try:
+            verify(candidate, MODEL_FILE, TRAINING_FILE)
+            return candidate, notes
+        except CheckpointError as e:
+            notes.append(f"skipped {candidate.name}: {e.message}")
+    if notes:
+        raise CheckpointError(f"no intact checkpoint to resume from in {run_dir} "
+                              f"({notes[-1]})", "restore the damaged files from a backup, or "
+                              "start a new run (train.keep_last keeps more checkpoints)")
+    raise CheckpointError(f"{run_dir} has no checkpoint to resume from",
+                          f"it stopped before its first one: remove {run_dir} and train again")
+
+
+def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict[str, Any],
+                    training_tensors: dict[str, torch.Tensor], best: bool,
+                    keep_last: int = 0) -> Path:
+    """Write weights, training tensors and ``state`` for ``step``; update the pointers; keep
+    the latest, the best and ``keep_last`` older checkpoints. A failure to write (a full
+    disk, say) is a ``CheckpointError`` and leaves the previous checkpoint as it was."""
+    ckpts = run_dir / CKPT_DIR
+    final = ckpts / f"step-{step:07d}"
+    tmp: Path | None = None
+    try:
+        ckpts.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=ckpts, prefix=_LEFTOVER[0]))
+        tmp.chmod(_DIR_MODE)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                    if k not in TIED_KEYS}
-        save_file(weights, str(tmp / MODEL_FILE))
-        save_file({k: v.detach().cpu().contiguous() for k, v in training_tensors.items()},
-                  str(tmp / TRAINING_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        if final.exists():  # saved twice at one step (e.g. best and periodic): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
+            raise CheckpointError(f"the weights at step {step} are not finite (training "
+                                  f"diverged); nothing saved; {_last_good(run_dir)}",
+                                  "start a new run with a lower train.learning_rate")
+        training = {k: v.detach().cpu().contiguous() for k, v in training_tensors.items()}
+        files = {}
+        for name, tensors in ((MODEL_FILE, weights), (TRAINING_FILE, training)):
+            data = safetensors_bytes(tensors)
+            _write_bytes(tmp / name, data)
+            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            del data
+        manifest = json.dumps({"step": step, **state, "files": files}, indent=1)
+        _write_bytes(tmp / STATE_FILE, manifest.encode())
+        _fsync_dir(tmp)
+        _move_into_place(tmp, final)
+        tmp = None
         _fsync_dir(ckpts)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(ckpts / "latest.json", json.dumps({"dir": final.name, "step": step}))
-    if best:
-        atomic_write_text(ckpts / "best.json", json.dumps({"dir": final.name, "step": step}))
-    _prune(run_dir)
+        pointer = json.dumps({"dir": final.name, "step": step})
+        atomic_write_text(ckpts / "latest.json", pointer)
+        if best:
+            atomic_write_text(ckpts / "best.json", pointer)
+    except OSError as e:
+        then = (f"continue with: minigpt train --out {run_dir} --resume" if step_dirs(run_dir)
+                else f"remove {run_dir} and train again")
+        raise CheckpointError(
+            f"could not save the checkpoint of step {step} in {ckpts}: {e.strerror or e}; "
+            f"{_last_good(run_dir)}", f"free some disk space, then {then}") from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _prune(run_dir, keep_last)
     return final
 
 
-def _prune(run_dir: Path) -> None:
-    """Keep only the step directories that ``latest`` and ``best`` point to."""
-    keep = {p.name for p in (_pointer(run_dir, "latest"), _pointer(run_dir, "best")) if p}
+def _last_good(run_dir: Path) -> str:
+    try:
+        last = _pointer(run_dir, "latest")
+    except CheckpointError:
+        last = None
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():  # saved again at the same step: move the old copy aside first
+        aside = final.with_name(f"{_LEFTOVER[1]}{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _prune(run_dir: Path, keep_last: int = 0) -> None:
+    """Keep the step directories ``latest`` and ``best`` point to and the ``keep_last``
+    newest ones before ``latest``; remove the rest and whatever a crash left behind."""
+    try:
+        latest, best = _pointer(run_dir, "latest"), _pointer(run_dir, "best")
+    except CheckpointError:  # a pointer edited by hand: delete nothing
+        return
+    keep = {p.name for p in (latest, best) if p}
+    if latest is not None and keep_last > 0:
+        newest = _step_of(latest.name)
+        older = [d.name for d in step_dirs(run_dir)
+                 if d.name not in keep and _step_of(d.name) < newest]
+        keep.update(older[:keep_last])
     for d in (run_dir / CKPT_DIR).iterdir():
-        if d.is_dir() and (_STEP_DIR.match(d.name) or d.name.startswith(".tmp-")) \
-                and d.name not in keep:
+        if d.name in keep or d.is_symlink():
+            continue
+        if d.is_dir() and (_step_of(d.name) is not None or d.name.startswith(_LEFTOVER)):
             shutil.rmtree(d, ignore_errors=True)
+        elif d.name.startswith((".latest.json.", ".best.json.")):  # atomic_write_text's
+            d.unlink(missing_ok=True)
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``: its step, training state and manifest."""
+    path = _inside(ckpt.parent.parent, ckpt / STATE_FILE)
     try:
-        return json.loads((ckpt / STATE_FILE).read_text())
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete ({STATE_FILE} is missing)",
+                              "restore it from a backup, or train the run again") from e
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable or corrupt") from e
+        raise CheckpointError(f"{path} is unreadable or corrupt",
+                              "restore it from a backup, or train the run again") from e
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("files", {}), dict):
+        raise CheckpointError(f"{path} is corrupt",
+                              "restore it from a backup, or train the run again")
+    return state
+
+
+def verify(ckpt: Path, *names: str) -> dict[str, Any]:
+    """Check files of a checkpoint against its manifest; return the state."""
+    state = read_state(ckpt)
+    for name in names:
+        path = _inside(ckpt.parent.parent, ckpt / name)
+        hint = "restore it from a backup, or train the run again"
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing", hint)
+        entry = state.get("files", {}).get(name)
+        if entry is None:  # a checkpoint from before manifests: safetensors checks itself
+            continue
+        try:
+            size, digest = int(entry["size"]), str(entry["sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt / STATE_FILE} is corrupt", hint) from e
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{path} is truncated or damaged ({actual} bytes, the "
+                                  f"manifest says {size})", hint)
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path} is corrupt (its sha256 does not match "
+                                  f"{STATE_FILE})", hint)
+    return state
 
 
 def _load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
@@ -216,19 +406,23 @@ def _load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, t
 
 
 def load_weights(model: GPT, ckpt: Path) -> None:
+    verify(ckpt, MODEL_FILE)
     weights = _load_tensors(ckpt / MODEL_FILE)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"weights in {ckpt} do not match the run's config: {first}") from e
+        raise CheckpointError(f"weights in {ckpt} do not match the run's config: {first}",
+                              "put back the config.yaml the run was trained with") from e
     missing = [k for k in missing if k not in TIED_KEYS]
     if missing or unexpected:
         raise CheckpointError(f"weights in {ckpt} do not match the run's config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+                              "put back the config.yaml the run was trained with")
 
 
 def load_training_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    verify(ckpt, TRAINING_FILE)
     return _load_tensors(ckpt / TRAINING_FILE)
 
 
@@ -247,14 +441,19 @@ def load_run(path: Path | None, device: torch.device | str = "cpu",
     """Model, tokenizer and config of a run, all from its directory, ready for inference."""
     run_dir = find_latest_run() if path is None else Path(path)
     if not run_dir.exists():
-        raise CheckpointError(f"--model {run_dir} does not exist")
+        raise CheckpointError(f"--model {run_dir} does not exist",
+                              "pass a run directory made by 'minigpt train'")
     if not is_run_dir(run_dir):
+        if (run_dir / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{run_dir} has no checkpoint yet",
+                                  "let its training reach a checkpoint, or resume it")
         raise CheckpointError(f"{run_dir} is not a minigpt run directory",
                               "pass a directory made by 'minigpt train'")
     config = load_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     if config.model.vocab_size is None or config.model.vocab_size < tokenizer.vocab_size:
-        raise CheckpointError(f"{run_dir}: the model's vocab_size does not fit its tokenizer")
+        raise CheckpointError(f"{run_dir}: the model's vocab_size does not fit its tokenizer",
+                              "put back the config.yaml and tokenizer/ it was trained with")
     ckpt = checkpoint_dir(run_dir, which)
     model = GPT(config.model)
     load_weights(model, ckpt)

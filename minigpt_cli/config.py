@@ -89,6 +89,7 @@ class TrainConfig:
     eval_interval: int = 200
     eval_iters: int = 20  # validation batches per evaluation during training
     checkpoint_interval: int = 500
+    keep_last: int = 0  # older checkpoints kept besides the latest and the best
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -101,7 +102,7 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key))
         if self.max_steps is not None:
             _positive("train.max_steps", self.max_steps)
-        for key in ("warmup_steps", "weight_decay", "grad_clip"):
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "keep_last"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -22,7 +22,10 @@ def select_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available",
                               "use --device cpu or --device auto")
-        dev = torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise DeviceError(f"unknown device '{name}'", "use cuda or cuda:N") from e
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(f"no GPU {dev.index}: {torch.cuda.device_count()} visible")
         return dev
@@ -57,11 +60,30 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16).
+
+    Without either, bf16 is emulated and slower than fp32, so ``auto`` keeps fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def select_precision(requested: str, device: torch.device) -> Precision:
-    """``auto``: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 elsewhere."""
+    """``auto``: bf16 on GPUs that have it, else fp16 with loss scaling; bf16 on CPUs with
+    native bf16 matmuls (AMX, AVX512-BF16); fp32 elsewhere."""
     if requested == "auto":
         if device.type == "cuda":
             requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and cpu_has_fast_bf16():
+            requested = "bf16"
         else:
             requested = "fp32"
     if requested == "fp32":

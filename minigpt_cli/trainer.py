@@ -100,8 +100,13 @@ class MetricsLog:
         """Drop records past ``step`` (logged after the checkpoint a run resumes from)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except (ValueError, AttributeError):  # a line torn by a crash (kill -9)
+                pass
         ckpt.atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def __call__(self, event: Event) -> None:
@@ -158,6 +163,7 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.elapsed = 0.0  # training seconds over all sessions of this run
         self.last_checkpoint: Path | None = None
+        self._saved_step: int | None = None
         self._stop = False
 
     # ---- control --------------------------------------------------------------------------
@@ -180,6 +186,10 @@ class Trainer:
         np_state = np.random.get_state()
         state = {
             "total_steps": self.total_steps,
+            "lr_schedule": {"warmup_steps": self.cfg.warmup_steps,
+                            "learning_rate": self.cfg.learning_rate,
+                            "min_lr_ratio": self.cfg.min_lr_ratio,
+                            "next_lr": lr_at(self.step, self.cfg, self.total_steps)},
             "best_val_loss": self.best_val_loss,
             "elapsed": self.elapsed,
             "sampler": self.sampler.state_dict(),
@@ -192,8 +202,9 @@ class Trainer:
 
     def save(self, best: bool = False) -> Path:
         state, tensors = self._state()
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, tensors, best)
-        self.last_checkpoint = path
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, tensors, best,
+                                    self.cfg.keep_last)
+        self.last_checkpoint, self._saved_step = path, self.step
         self._emit(Saved(self.step, path, best))
         return path
 
@@ -220,9 +231,17 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"training state in {path} is incomplete or corrupt "
                                        f"({e})") from e
-        self.last_checkpoint = path
+        self.last_checkpoint, self._saved_step = path, self.step
 
     # ---- loop -----------------------------------------------------------------------------
+
+    def _check_finite(self, value: float, lr: float, what: str = "loss") -> None:
+        if not math.isfinite(value):
+            where = self.last_checkpoint or "none yet"
+            raise TrainingDiverged(
+                f"{what} became {value} by step {self.step} (lr {lr:.3g}); nothing saved "
+                f"since; last good checkpoint: {where}",
+                "start a new run with a lower train.learning_rate or more train.warmup_steps")
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -273,23 +292,23 @@ class Trainer:
         session_start = time.perf_counter()
         elapsed_before = self.elapsed
         last_log_time, last_log_step = session_start, self.step
+        loss = lr = None
         while self.step < self.total_steps:
             if self._stop:
+                if self._saved_step == self.step:
+                    raise TrainingStopped(self.step, self.last_checkpoint)
+                if loss is not None:
+                    self._check_finite(loss.item(), lr)
                 raise TrainingStopped(self.step, self.save())
             lr = lr_at(self.step, cfg, self.total_steps)
             loss = self._train_step(lr)
             self.step += 1
             final = self.step == self.total_steps
             if self.step % cfg.log_interval == 0 or final:
-                loss_value = loss.item()  # the only host sync in the loop
+                loss_value = loss.item()  # the only host sync between checkpoints
                 now = time.perf_counter()
                 self.elapsed = elapsed_before + (now - session_start)
-                if not math.isfinite(loss_value):
-                    where = self.last_checkpoint or "none yet"
-                    raise TrainingDiverged(
-                        f"loss became {loss_value} at step {self.step} (lr {lr:.3g}); "
-                        f"last good checkpoint: {where}",
-                        "lower train.learning_rate or raise train.warmup_steps")
+                self._check_finite(loss_value, lr)
                 rate = (self.step - last_log_step) * tokens_per_step / max(now - last_log_time,
                                                                            1e-9)
                 last_log_time, last_log_step = now, self.step
@@ -298,12 +317,14 @@ class Trainer:
             is_best = False
             if self.step % cfg.eval_interval == 0 or final:
                 val = self.validate()
+                self._check_finite(val, lr, "validation loss")
                 is_best = self.best_val_loss is None or val < self.best_val_loss
                 if is_best:
                     self.best_val_loss = val
                 self._emit(Validated(self.step, val, self.best_val_loss, is_best))
                 last_log_time = time.perf_counter()  # keep evaluation out of tokens/s
             if is_best or self.step % cfg.checkpoint_interval == 0 or final:
+                self._check_finite(loss.item(), lr)  # never save a model that diverged
                 self.elapsed = elapsed_before + (time.perf_counter() - session_start)
                 self.save(best=is_best)
                 last_log_time = time.perf_counter()

@@ -18,7 +18,7 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import data
 from minigpt_cli.config import Config
 from minigpt_cli.device import configure_backends, select_device, select_precision
-from minigpt_cli.errors import CheckpointError, ConfigError
+from minigpt_cli.errors import CheckpointError, ConfigError, DataError
 from minigpt_cli.model import GPT
 from minigpt_cli.trainer import Callback, MetricsLog, Trainer
 
@@ -26,7 +26,7 @@ Progress = Callable[[str, int, int], None]
 
 # Settings a resumed run may change; anything else would not continue the same run.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "log_interval", "eval_interval", "eval_iters",
-                     "checkpoint_interval", "device", "precision"}
+                     "checkpoint_interval", "keep_last", "device", "precision"}
 
 
 @dataclass
@@ -37,6 +37,7 @@ class PreparedRun:
     tokenizer: minigpt_tokenizers.Tokenizer
     device: torch.device
     resumed_from: Path | None
+    notes: list[str]  # things the user should know, e.g. a damaged checkpoint was skipped
 
 
 def default_run_dir(config: Config, root: Path = Path("runs")) -> Path:
@@ -59,6 +60,10 @@ def absolutize_dataset(config: Config) -> None:
 def resume_config(run_dir: Path, requested: Config, changed: set[str]) -> Config:
     """The run's own config with the allowed changes from ``requested`` applied."""
     if not ckpt.is_run_dir(run_dir):
+        if (run_dir / ckpt.CONFIG_FILE).is_file():
+            raise CheckpointError(f"{run_dir} has no checkpoint to resume from",
+                                  f"it stopped before its first one: remove {run_dir} and "
+                                  "train again")
         raise CheckpointError(f"nothing to resume in {run_dir}",
                               "train a new run there without --resume")
     saved = ckpt.load_config(run_dir)
@@ -84,14 +89,16 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     """Set up a run. With ``resume``, ``out`` is an existing run and ``changed`` the keys the
     user set on the command line; the run's saved config is used otherwise."""
     report = progress or (lambda stage, done, total: None)
-    resumed_from = None
+    resumed_from, notes = None, []
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out DIR, the run to continue")
         config = resume_config(out, config, changed)
-        resumed_from = ckpt.checkpoint_dir(out, "latest")
+        resumed_from, notes = ckpt.resume_checkpoint(out)
     else:
         absolutize_dataset(config)
+        out = out or default_run_dir(config)
+        ckpt.check_new_run_dir(out)  # before any work: an existing run is never overwritten
     device = select_device(config.train.device)
     precision = select_precision(config.train.precision, device)
     configure_backends(device)
@@ -121,7 +128,7 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     if resume:
         run_dir = out
     else:
-        run_dir = ckpt.create_run_dir(out or default_run_dir(config))
+        run_dir = ckpt.create_run_dir(out)
         ckpt.write_run_files(run_dir, config, tokenizer)
 
     model = GPT(config.model).to(device)
@@ -131,9 +138,14 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
                       [metrics, *callbacks])
     if resumed_from is not None:
         trainer.restore(resumed_from)
-        metrics.truncate_after(trainer.step)
+        saved_windows = ckpt.read_state(resumed_from)["sampler"].get("n_windows")
+        if saved_windows not in (None, trainer.sampler.n_windows):
+            raise DataError(f"the training data of {run_dir} changed since it was trained "
+                            f"({trainer.sampler.n_windows} windows, the run had {saved_windows})",
+                            f"put back {config.data.dataset} as it was, or start a new run")
         if trainer.step >= trainer.total_steps:
             raise ConfigError(f"{run_dir} already finished its {trainer.total_steps} steps",
                               "raise --max-steps (or --epochs) to train further")
+        metrics.truncate_after(trainer.step)
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, config.to_yaml())  # applied changes
-    return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from)
+    return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from, notes)

@@ -136,13 +136,33 @@ def create(spec: str, training_text: TextSource | None = None) -> Tokenizer:
 
 
 def load(directory: Path) -> Tokenizer:
-    """Rebuild the tokenizer saved in ``directory`` (a run's ``tokenizer/`` folder)."""
-    meta_path = Path(directory) / META_FILE
+    """Rebuild the tokenizer saved in ``directory`` (a run's ``tokenizer/`` folder).
+
+    Every file a plugin may read stays inside ``directory``: ``*_file`` entries of
+    ``tokenizer.json`` must name files there, and no file there may be a link out of it.
+    """
+    directory = Path(directory)
+    meta_path = directory / META_FILE
     try:
+        _check_inside(directory, meta_path)
         meta = json.loads(meta_path.read_text())
         name = meta["name"]
     except FileNotFoundError as e:
         raise TokenizerError(f"tokenizer files missing: {meta_path} not found") from e
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise TokenizerError(f"{meta_path} is corrupt") from e
-    return plugin_class(name).load(Path(directory), meta)
+    for key, value in meta.items():
+        if key.endswith("_file"):
+            if not isinstance(value, str) or not value or Path(value).is_absolute():
+                raise TokenizerError(f"{meta_path}: '{key}' must name a file in {directory}")
+            _check_inside(directory, directory / value)
+    for path in directory.iterdir():
+        _check_inside(directory, path)
+    return plugin_class(name).load(directory, meta)
+
+
+def _check_inside(directory: Path, path: Path) -> None:
+    root, real = directory.resolve(), path.resolve()
+    if root not in real.parents:
+        raise TokenizerError(f"{path} points outside {directory}",
+                             "a tokenizer folder must hold its own files; remove the link")

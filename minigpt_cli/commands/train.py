@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from minigpt_cli import ui
 from minigpt_cli.config import Config
+from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.progress import DataProgress, TrainingView
 from minigpt_cli.trainer import TrainingStopped
 from minigpt_cli.training import prepare
@@ -63,23 +65,37 @@ def train(
     if resume and (preset or config):
         changed |= _differences(cfg)
 
-    data_view = DataProgress(ui.err_console)
+    # Plain progress lines go to stdout, so that a failure is the only line on stderr.
+    data_view = DataProgress(ui.err_console if ui.err_console.is_terminal else ui.console)
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
     try:
         run = prepare(cfg, out, resume=resume, changed=changed, progress=data_view)
+    except _Terminated:
+        data_view.close()
+        ui.err_console.print("Terminated before training started.")
+        raise typer.Exit(143) from None
     finally:
         data_view.close()
+        signal.signal(signal.SIGTERM, old[signal.SIGTERM])
 
     model = run.trainer.model
     title = f"minigpt train · {run.run_dir}"
     view = TrainingView(ui.console, title, run.device, run.trainer.precision.name,
                         model.num_params())
     run.trainer.callbacks.append(view)
+    for note in run.notes:
+        ui.warn(note)
     if run.resumed_from is not None:
-        ui.console.print(f"Resuming {run.run_dir} from step {run.trainer.step}.")
+        ui.console.print(f"Resuming {run.run_dir} from step {run.trainer.step} "
+                         f"({run.resumed_from.name}).")
+    resume_hint = f"minigpt train --out {shlex.quote(str(run.run_dir))} --resume"
 
     received: list[int] = []
+    leaving = False
 
     def on_signal(signum, _frame):
+        if leaving:  # training is over and its files are complete: just let it exit
+            return
         if received:  # a second signal: leave now; checkpoints are written atomically
             raise KeyboardInterrupt
         received.append(signum)
@@ -92,13 +108,24 @@ def train(
         view.close()
         code = 143 if received and received[0] == signal.SIGTERM else 130
         ui.err_console.print(f"Stopped at step {stop.step}; checkpoint saved in {stop.path}.")
-        ui.err_console.print("Resume with: [bold]minigpt train --out "
-                             f"{shlex.quote(str(run.run_dir))} --resume[/]")
+        ui.err_console.print(f"Resume with: [bold]{escape(resume_hint)}[/]", soft_wrap=True)
         raise typer.Exit(code) from None
+    except KeyboardInterrupt:  # a second signal: leave at once, files are written atomically
+        view.close()
+        last = run.trainer.last_checkpoint
+        where = f"; resume from {last.name} with: {resume_hint}" if last else ""
+        ui.err_console.print(f"Interrupted{escape(where)}", soft_wrap=True)
+        raise typer.Exit(130) from None
+    except OSError as e:  # metrics.jsonl and friends; checkpoints report their own
+        view.close()
+        raise MiniGPTError(f"cannot write to {run.run_dir}: {e.strerror or e}",
+                           f"free some disk space, then continue with: {resume_hint}") from e
     finally:
         view.close()
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        leaving = True
+        if not received:  # after a signal the process is exiting: keep ignoring more of them
+            for s, handler in old.items():
+                signal.signal(s, handler)
 
     best = "—" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     ui.console.print(f"Done: {result.step} steps in {ui.human_duration(result.elapsed)}, "
@@ -106,6 +133,14 @@ def train(
     quoted = shlex.quote(str(run.run_dir))
     ui.console.print(f"Next: minigpt generate --model {quoted} --prompt 'The'  ·  "
                      f"minigpt chat --model {quoted}  ·  minigpt eval --model {quoted}")
+
+
+class _Terminated(BaseException):
+    """SIGTERM before the trainer exists: unwind (temporary files are removed) and exit."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
 
 
 def _yaml_scalar(value) -> str:
