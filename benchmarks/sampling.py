@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.model import GPT
-from minigpt_cli.sampling import GenerationResult, SamplingSettings, generate, sample_next
+from minigpt_cli.sampling import Engine, GenerationResult, SamplingSettings, sample_next
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 
@@ -58,9 +58,10 @@ def gpt2_tokenizer():
     return minigpt_tokenizers.create(f"tiktoken:{ranks}"), "tiktoken GPT-2"
 
 
-def run_engine(model, tok, settings, device):
+def run_engine(model, tok, settings, device, exact_head=False):
     t0 = time.perf_counter()
-    for ev in generate(model, tok, PROMPT, settings, device):
+    engine = Engine(model, tok, device, exact_head=exact_head)
+    for ev in engine.generate(PROMPT, settings):
         if isinstance(ev, GenerationResult):
             return ev.generated_tokens, time.perf_counter() - t0, ev.time_to_first_token
 
@@ -108,12 +109,14 @@ def main() -> None:
                                 seed=1234)
     warm = SamplingSettings(max_new_tokens=20, temperature=args.temperature, seed=1)
     print(f"model: {model.num_params() / 1e6:.1f}M params, vocab 50257, 4x256, context 128; "
+          f"decoding head {Engine(model, tok, device).head.mode}; "
           f"tokenizer {tok_name}; device {device}, {torch.get_num_threads()} threads; "
           f"{args.tokens} new tokens, batch 1, temperature {args.temperature}")
     print(f"load average before: {load()}")
 
     ways = {
         "engine (KV cache)": lambda s: run_engine(model, tok, s, device),
+        "engine, exact fp32 head": lambda s: run_engine(model, tok, s, device, True),
         "nanoGPT way (full forward)": lambda s: run_full_forward(model, tok, s, device, True),
         "all logits (full forward)": lambda s: run_full_forward(model, tok, s, device, False),
     }

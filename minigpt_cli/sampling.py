@@ -186,11 +186,11 @@ class CachedLM:
     """
 
     def __init__(self, model: GPT, batch_size: int, keep: int | None = None,
-                 head_t: torch.Tensor | None = None):
+                 head: DecodingHead | None = None):
         self.model = model
         self.capacity = model.config.max_seq_length
         self.keep = min(self.capacity, keep or max(1, self.capacity // 2))
-        self.head_t = head_t
+        self.head = head
         with torch.inference_mode():
             self.cache: KVCache = model.new_cache(batch_size)
             self.tokens = torch.zeros(batch_size, self.capacity, dtype=torch.long,
@@ -236,8 +236,8 @@ class CachedLM:
         self.tokens[:B, start:start + T] = idx
         with one_thread(idx.device.type == "cpu" and B * T <= SMALL_STEP):
             x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
-        if self.head_t is not None:
-            return x @ self.head_t  # (B, V)
+        if self.head is not None:
+            return self.head(x)  # (B, V)
         return F.linear(x, self.model.lm_head.weight)
 
 
@@ -261,14 +261,47 @@ def one_thread(enabled: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def head_for_decoding(model: GPT) -> torch.Tensor | None:
-    """On the CPU a (C, V) copy of the head makes the per-token matrix-vector product about
-    twice as fast as the (V, C) layout; elsewhere the model's own layout is used."""
-    w = model.lm_head.weight
-    if w.device.type != "cpu":
-        return None
-    with torch.inference_mode():
-        return w.detach().t().contiguous()
+class DecodingHead:
+    """The output head for the one position per row that decoding needs.
+
+    On the CPU, the head (V x C, the largest matrix by far) is read once per token, so
+    its layout and size decide the speed. ``quantize`` keeps an int8 copy with one scale
+    per vocabulary row (weight-only quantisation, as llama.cpp's q8): a quarter of the
+    memory traffic, about 9x faster than fp32 here, logits within about 1% of the exact
+    ones. Without it (or where the int8 kernel is missing), an exact fp32 copy in (C, V)
+    layout is used, about twice as fast as the model's own (V, C) one. Elsewhere the
+    model's own weights are used as they are.
+    """
+
+    def __init__(self, model: GPT, quantize: bool = True):
+        w = model.lm_head.weight
+        self.weight = w
+        self.mode = "model"
+        if w.device.type != "cpu":
+            return
+        with torch.inference_mode():
+            w = w.detach().float()
+            if quantize and hasattr(torch, "_weight_int8pack_mm"):
+                scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+                self.q = torch.round(w / scales[:, None]).to(torch.int8).contiguous()
+                self.scales = scales.to(torch.bfloat16)
+                try:  # the kernel is CPU- and build-dependent: check it once
+                    self(torch.zeros(1, w.size(1)))
+                    self.mode = "int8"
+                    return
+                except RuntimeError:
+                    pass
+            self.t = w.t().contiguous()
+            self.mode = "fp32"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) hidden states -> (B, V) fp32 logits."""
+        if self.mode == "int8":
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.q,
+                                             self.scales).float()
+        if self.mode == "fp32":
+            return x @ self.t
+        return F.linear(x, self.weight)
 
 
 # ---- text that never splits a character ------------------------------------------------
@@ -439,16 +472,18 @@ class Engine:
     """A model and its tokenizer, ready to generate; keep one around to reuse its setup.
 
     The model should be in eval mode. On the CPU the engine keeps a copy of the output
-    head (see ``head_for_decoding``): make a new engine after the weights change.
+    head, int8 unless ``exact_head`` (see ``DecodingHead``): make a new engine after the
+    weights change.
     """
 
-    def __init__(self, model: GPT, tokenizer, device: torch.device | str | None = None):
+    def __init__(self, model: GPT, tokenizer, device: torch.device | str | None = None,
+                 exact_head: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else \
             model.lm_head.weight.device
         self.context_length = model.config.max_seq_length
-        self._head_t = head_for_decoding(model)
+        self.head = DecodingHead(model, quantize=not exact_head)
         extra = model.config.vocab_size - tokenizer.vocab_size
         self._vocab_limit = tokenizer.vocab_size if extra > 0 else None
 
@@ -474,7 +509,7 @@ class Engine:
         # torch's default generator starts from a fixed seed in every process: ask the OS
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        lm = CachedLM(self.model, B, head_t=self._head_t)
+        lm = CachedLM(self.model, B, head=self.head)
         samples = [_Sample(self.tokenizer, settings.stop) for _ in range(B)]
         with torch.inference_mode():
             prompt = torch.tensor([ids], dtype=torch.long, device=self.device)

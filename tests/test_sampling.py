@@ -114,11 +114,11 @@ def next_window(n: int, context: int = 32) -> int:
     return n + 1 if n < context else context // 2
 
 
-@pytest.mark.parametrize("head_t", [False, True])
-def test_cached_logits_equal_full_forward_at_every_step_across_the_window(model, head_t):
+@pytest.mark.parametrize("head", [False, True])
+def test_cached_logits_equal_full_forward_at_every_step_across_the_window(model, head):
     torch.manual_seed(1)
     lm = CachedLM(model, batch_size=2,
-                  head_t=sampling.head_for_decoding(model) if head_t else None)
+                  head=sampling.DecodingHead(model, quantize=False) if head else None)
     seq = torch.randint(0, 257, (2, 20))  # the whole sequence, kept apart from the cache
     logits, n = lm.prefill(seq), 20
     for step in range(70):  # context 32: the window slides several times
@@ -520,3 +520,18 @@ def test_stream_follows_a_decoder_that_treats_the_first_token_specially(byte_tok
     tok = DummyPrefix(byte_tok)
     ids = byte_tok.encode(" a b 世")
     assert "".join(stream_pieces(tok, ids)) == tok.decode(ids) == "a b 世"
+
+
+def test_int8_decoding_head_is_close_to_the_exact_head(model):
+    head = sampling.DecodingHead(model, quantize=True)
+    exact = sampling.DecodingHead(model, quantize=False)
+    assert exact.mode == "fp32"
+    x = torch.randn(3, model.config.embed_dim)
+    with torch.inference_mode():
+        ref = torch.nn.functional.linear(x, model.lm_head.weight)
+        torch.testing.assert_close(exact(x), ref, atol=1e-5, rtol=1e-5)
+        got = head(x)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    if head.mode == "int8":  # the kernel exists on this build
+        scale = ref.abs().max()
+        assert (got - ref).abs().max() < 0.02 * scale
