@@ -120,15 +120,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             h_c = h[i:i + chunk].to(dtype)
             t_c = targets[i:i + chunk]
             logits = (h_c @ w_c.t()).float()  # (chunk, V)
-            lse = torch.logsumexp(logits, dim=-1)
             valid = t_c != -1
             safe_t = t_c.clamp(min=0).unsqueeze(1)
-            target_logit = logits.gather(1, safe_t).squeeze(1)
-            total += ((lse - target_logit) * valid).sum()
+            # one softmax pass (each row stays in cache) gives both the loss and the gradient
+            probs = torch.softmax(logits, dim=-1)
+            del logits
+            p_target = probs.gather(1, safe_t).squeeze(1).clamp(min=torch.finfo(torch.float32).tiny)
+            total -= (p_target.log() * valid).sum()
             if need_grad:
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-                probs.scatter_add_(1, safe_t, -valid.float().unsqueeze(1))
-                probs.mul_(valid.unsqueeze(1))
+                probs.scatter_add_(1, safe_t, -valid.float().unsqueeze(1))  # softmax - one-hot
+                if not bool(valid.all()):
+                    probs.mul_(valid.unsqueeze(1))
                 g = probs.to(dtype)
                 grad_h[i:i + chunk] = (g @ w_c).to(h.dtype)
                 grad_w += (g.t() @ h_c).float()
