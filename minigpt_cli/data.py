@@ -49,7 +49,7 @@ MAX_CHUNK_BYTES = 8 << 20  # a line longer than this is cut mid-line
 CHECK_BYTES = 4 << 20  # bytes of each file validated up front
 BOM = codecs.BOM_UTF8
 ACCEPTED = ("a text file, a folder with train/valid/test text files, wikitext-2, "
-            "wikitext-103, hf:NAME[:CONFIG] or stdlib-docs")
+            "wikitext-103, tinyshakespeare, hf:NAME[:CONFIG] or stdlib-docs")
 OFFLINE_HINT = ("check the network, or use a local text file or folder, or the built-in "
                 "stdlib-docs corpus")
 FOLDER_FILES = {
@@ -159,6 +159,10 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, *,
         return hub.HubSource("Salesforce/wikitext", f"{spec}-raw-v1", val_fraction, spec)
     if spec == "stdlib-docs":
         return _stdlib_docs(val_fraction, cache_dir)
+    if spec == "tinyshakespeare":
+        path = _download(TINYSHAKESPEARE_URL, "tinyshakespeare.txt", cache_dir)
+        return FileSource(spec, _split_by_position(
+            Segment(path, check_text_file(path), path.stat().st_size), val_fraction))
     path = Path(spec).expanduser()
     if path.is_file():
         start = check_text_file(path)
@@ -171,6 +175,30 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, *,
     looks_like_path = os.sep in spec or "/" in spec or "." in Path(spec).name
     what = "file or folder not found" if looks_like_path else "unknown dataset"
     raise DataError(f"{what}: {spec}", f"use {ACCEPTED}")
+
+
+TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                       "tinyshakespeare/input.txt")
+
+
+def _download(url: str, name: str, cache_dir: Path | None) -> Path:
+    """A file from ``url``, fetched once into the cache (``downloads/``) and reused."""
+    folder = Path(cache_dir or default_cache_dir()) / "downloads"
+    path = folder / name
+    if path.is_file() and path.stat().st_size > 0:
+        return path
+    import urllib.request
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except OSError as e:
+        raise DataError(f"cannot download {name} from {url} ({getattr(e, 'reason', e)})",
+                        "with no network, pass the file itself: --dataset path/to/input.txt"
+                        ) from e
+    atomic_write(path, data)
+    return path
 
 
 def check_text_file(path: Path) -> int:

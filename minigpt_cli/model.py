@@ -145,11 +145,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 
 def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
-                       reduction: str = "mean", chunk: int = 256) -> torch.Tensor:
+                       reduction: str = "mean", chunk: int | None = None) -> torch.Tensor:
     """``F.cross_entropy(h @ w.T, targets, ignore_index=-1)`` without the full logits.
 
     Under autocast the matmuls run in the autocast dtype; the softmax is always fp32.
+    ``chunk`` rows at a time: by default about 16M logits (all rows for a small vocabulary).
     """
+    chunk = chunk or max(256, (1 << 24) // w.size(0))
     dtype = (torch.get_autocast_dtype(h.device.type)
              if torch.is_autocast_enabled(h.device.type) else h.dtype)
     with torch.autocast(h.device.type, enabled=False):

@@ -154,7 +154,7 @@ class Trainer:
         self.val_tokens = val_tokens
         self.sampler = WindowSampler(train_tokens, seq_len, cfg.seed)
         self.total_steps = total_steps_for(cfg, self.sampler.n_windows)
-        fused = device.type == "cuda"
+        fused = device.type in ("cuda", "cpu")  # one kernel per step instead of one per tensor
         self.optimizer = torch.optim.AdamW(
             model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
             betas=(cfg.beta1, cfg.beta2), **({"fused": True} if fused else {}))

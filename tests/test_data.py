@@ -418,3 +418,32 @@ def test_hf_source_with_fake_dataset(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None: numbers)
     with pytest.raises(DataError, match="no text column"):
         resolve_source("hf:me/numbers")
+
+
+def test_tinyshakespeare_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="cannot download tinyshakespeare") as e:
+        resolve_source("tinyshakespeare", cache_dir=tmp_path)
+    assert "--dataset" in e.value.hint
+
+
+def test_tinyshakespeare_download_is_cached(tmp_path, monkeypatch):
+    import io
+    import urllib.request
+
+    calls = []
+
+    def fake(url, timeout=None):
+        calls.append(url)
+        return io.BytesIO(b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    for _ in range(2):
+        source = resolve_source("tinyshakespeare", cache_dir=tmp_path)
+        assert source.splits() == ["train", "val"]
+    assert len(calls) == 1
