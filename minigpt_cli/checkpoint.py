@@ -42,6 +42,7 @@ from safetensors.torch import save as safetensors_bytes
 import minigpt_tokenizers
 from minigpt_cli.config import Config
 from minigpt_cli.errors import CheckpointError, ConfigError
+from minigpt_cli.fileio import atomic_write, fsync_dir
 from minigpt_cli.model import GPT
 
 CONFIG_FILE = "config.yaml"
@@ -69,33 +70,12 @@ _FILE_MODE, _DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 # ---- atomic file helpers -----------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file, fsync and rename, so readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, text.encode("utf-8"), mode=_FILE_MODE)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

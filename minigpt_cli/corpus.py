@@ -23,14 +23,13 @@ import ast
 import hashlib
 import inspect
 import json
-import os
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
 from minigpt_cli.errors import DataError
+from minigpt_cli.fileio import atomic_write
 
 NAME = "stdlib-docs"
 EXTRACTOR_VERSION = 1
@@ -167,15 +166,3 @@ def _read_meta(meta_path: Path, text_path: Path) -> dict | None:
     return None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

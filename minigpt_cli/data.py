@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from minigpt_cli.corpus import atomic_write
 from minigpt_cli.errors import DataError
+from minigpt_cli.fileio import atomic_write
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
