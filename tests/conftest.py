@@ -65,3 +65,21 @@ def external_tokenizer(monkeypatch) -> type[Tokenizer]:
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
     monkeypatch.setattr(minigpt_tokenizers, "entry_points", entry_points)
     return ReverseByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy models run fastest, and steadiest on a busy machine, on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """A token cache of the test's own, so tests never read or fill ~/.cache."""
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"

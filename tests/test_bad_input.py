@@ -30,13 +30,7 @@ RUN, CORPUS = "run", "corpus.txt"  # in each test's world folder
 LINES = [f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(300)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy models run fastest, and steadiest on a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

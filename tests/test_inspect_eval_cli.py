@@ -25,9 +25,7 @@ TEXT = "".join(
 )  # about 5 KB, so the default val split (10%) spans several 32-token windows
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 @pytest.fixture
