@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -101,10 +104,38 @@ def select_precision(requested: str, device: torch.device) -> Precision:
 
 
 def configure_backends(device: torch.device) -> None:
-    """Fast paths that do not change results meaningfully: TF32 matmuls on Ampere+."""
+    """Fast paths that do not change results meaningfully: TF32 matmuls on Ampere+; on the
+    CPU, freed memory kept for reuse (see ``keep_freed_memory``)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu":
+        keep_freed_memory()
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc's mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory in the process instead of returning it.
+
+    By default every tensor over a few MB gets fresh pages from the kernel and gives them
+    back when freed, so each training step pays a page fault per 4 KB of its largest
+    tensors: for the `small` preset on two cores that is about 40% of the step. This is
+    the jemalloc/TCMalloc advice of PyTorch's CPU tuning guides, done with the C library
+    already loaded. The process's memory then stays at its peak. Returns whether it applied
+    (glibc only: a no-op on macOS, Windows and musl).
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all([mallopt(_M_MMAP_MAX, 0),  # large blocks from the heap too, so they are reused
+                mallopt(_M_TRIM_THRESHOLD, 2**31 - 1),  # never shrink the heap
+                mallopt(_M_TOP_PAD, 256 << 20)])  # and grow it in large steps
 
 
 def describe(device: torch.device) -> str:
