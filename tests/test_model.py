@@ -102,8 +102,9 @@ def test_model_config_validation(bad):
         ModelConfig(**{**dict(vocab_size=10), **bad}).validate()
 
 
-@pytest.mark.parametrize("chunk", [7, 256])
-def test_chunked_head_loss_matches_cross_entropy(chunk):
+@pytest.mark.parametrize("chunk,tile,block", [(7, None, None), (256, None, None),
+                                              (64, 10, 3), (300, 7, 7), (1000, 300, 299)])
+def test_chunked_head_loss_matches_cross_entropy(chunk, tile, block):
     from torch.nn import functional as F
 
     from minigpt_cli.model import head_cross_entropy
@@ -115,13 +116,14 @@ def test_chunked_head_loss_matches_cross_entropy(chunk):
     t[::5] = -1
     ref = F.cross_entropy(h @ w.t(), t, ignore_index=-1)
     gh, gw = torch.autograd.grad(3 * ref, (h, w))
-    out = head_cross_entropy(h, w, t, chunk=chunk)
+    out = head_cross_entropy(h, w, t, chunk=chunk, tile=tile, block=block)
     oh, ow = torch.autograd.grad(3 * out, (h, w))
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(oh, gh)
     torch.testing.assert_close(ow, gw)
     with torch.no_grad():
-        summed = head_cross_entropy(h, w, t, reduction="sum", chunk=chunk)
+        summed = head_cross_entropy(h, w, t, reduction="sum", chunk=chunk, tile=tile,
+                                    block=block)
     torch.testing.assert_close(summed, ref * (t != -1).sum(), rtol=1e-5, atol=1e-3)
 
 
@@ -133,3 +135,83 @@ def test_model_loss_equals_loss_from_logits():
     logits, _ = model(x)
     _, loss = model(x, x)
     torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 97), x.reshape(-1)))
+
+
+def test_chunked_head_loss_in_bf16_matches_autocast_cross_entropy():
+    from torch.nn import functional as F
+
+    from minigpt_cli.model import head_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(200, 32, requires_grad=True)
+    w = (0.1 * torch.randn(3000, 32)).requires_grad_()
+    t = torch.randint(0, 3000, (200,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(h @ w.t(), t)
+        out = head_cross_entropy(h, w, t, chunk=64, tile=16, block=5)
+    assert out.dtype == torch.float32
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    oh, ow = torch.autograd.grad(out, (h, w))
+    assert abs(out.item() - ref.item()) < 1e-3
+    for mine, theirs in ((oh, gh), (ow, gw)):
+        assert mine.dtype == theirs.dtype == torch.float32
+        assert mine.is_contiguous()
+        assert ((mine - theirs).norm() / theirs.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_at_rate_p_and_keeps_the_mean(p):
+    from minigpt_cli.model import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.005
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - round(p * 65536) / 65536)))
+    assert abs(y.mean().item() - 1.0) < 0.01
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, y.detach())  # the gradient passes through the same mask
+    torch.manual_seed(0)
+    torch.testing.assert_close(dropout(x, p), y)  # the global seed makes it reproducible
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_dropout_odd_shapes_and_bf16():
+    from minigpt_cli.model import dropout
+
+    x = torch.ones(3, 5, 7, dtype=torch.bfloat16)
+    y = dropout(x, 0.3)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    assert set(y.unique().tolist()) <= {0.0, y.max().item()}
+
+
+def test_explicit_attention_is_sdpa_when_nothing_is_dropped():
+    from torch.nn import functional as F
+
+    model = toy(dropout=0.2).train()
+    attn = model.transformer.h[0].attn
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
+    attn.dropout = 0.0  # the manual path with nothing dropped is plain attention
+    torch.testing.assert_close(attn._explicit_attention(q, k, v, None, True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    mask = torch.ones(9, 12, dtype=torch.bool).tril(3)
+    k2, v2 = torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 8)
+    torch.testing.assert_close(attn._explicit_attention(q, k2, v2, mask, False),
+                               F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask))
+    attn.dropout = 0.2
+    y = model(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16)))[1]
+    assert torch.isfinite(y)
+
+
+def test_keep_freed_memory_is_safe_to_call_twice():
+    import platform
+
+    from minigpt_cli.device import keep_freed_memory
+
+    expected = platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected
+    assert keep_freed_memory() is expected
+    torch.ones(50_000_000).sum()  # large tensors still allocate and free
