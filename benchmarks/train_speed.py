@@ -36,28 +36,6 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def matmul_peak(dtype_name: str) -> float:
-    """Measured GFLOP/s of a (2048x1024)@(1024x1024) matmul, the best of a few runs."""
-    import torch
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(2048, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        best = min(best, (time.perf_counter() - t) / 5)
-    return 2 * 2048 * 1024 * 1024 / best / 1e9
-
-
-def flops_per_token(n_params: int, layers: int, ctx: int, width: int, wpe: int) -> float:
-    """PaLM/nanoGPT estimate: 6 per weight (forward + backward) plus attention scores."""
-    return 6 * (n_params - wpe) + 12 * layers * ctx * width
-
-
 # ---- the straightforward baseline ---------------------------------------------------------
 
 def baseline_worker(args) -> dict:
@@ -194,6 +172,35 @@ def run_worker(kind: str, args, extra: list[str] = ()) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def compare_loss_curves(args) -> None:
+    """minigpt in auto precision against fp32 with the same seed, and the noise floor: fp32
+    against fp32 with another seed (other initial weights, batches and dropout masks)."""
+    args.steps, args.log_interval = args.loss_curve, 1
+    base_set = list(args.set or [])
+    auto = run_worker("minigpt", args)
+    args.set = [*base_set, "train.precision=fp32"]
+    fp32 = run_worker("minigpt", args)
+    args.set = [*base_set, "train.precision=fp32", "train.seed=1"]
+    other = run_worker("minigpt", args)
+    a, f, o = auto["losses"], fp32["losses"], other["losses"]
+    n = min(len(a), len(f), len(o))
+    print(f"loss over {n} steps: {auto['precision']} and fp32 (seed 0), fp32 (seed 1)")
+    for s in range(0, n, max(1, n // 10)):
+        print(f"  step {s + 1:>4}: {a[s]:.4f}  {f[s]:.4f}  {o[s]:.4f}")
+
+    def mean_gap(x, y, part=slice(None)):
+        pairs = list(zip(x[:n], y[:n], strict=True))[part]
+        return sum(abs(p - q) for p, q in pairs) / len(pairs)
+
+    last = slice(-50, None)
+    print(f"mean |{auto['precision']} - fp32|, same seed:   {mean_gap(a, f):.4f} "
+          f"(last 50 steps {mean_gap(a, f, last):.4f})")
+    print(f"mean |fp32 - fp32|, other seed:  {mean_gap(f, o):.4f} "
+          f"(last 50 steps {mean_gap(f, o, last):.4f})")
+    print(f"mean loss, last 50 steps: {sum(a[last]) / len(a[last]):.4f}  "
+          f"{sum(f[last]) / len(f[last]):.4f}  {sum(o[last]) / len(o[last]):.4f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
@@ -219,20 +226,14 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.loss_curve:
-        args.steps, args.log_interval = args.loss_curve, 1
-        auto = run_worker("minigpt", args)
-        args.set = [*(args.set or []), "train.precision=fp32"]
-        fp32 = run_worker("minigpt", args)
-        diffs = [abs(a - b) for a, b in zip(auto["losses"], fp32["losses"], strict=False)]
-        print(f"loss over {len(diffs)} steps: {auto['precision']} vs fp32")
-        for s in range(0, len(diffs), max(1, len(diffs) // 10)):
-            print(f"  step {s + 1:>4}: {auto['losses'][s]:.4f}  {fp32['losses'][s]:.4f}")
-        tail = slice(-20, None)
-        print(f"mean |diff| {sum(diffs) / len(diffs):.4f}; last-20 mean "
-              f"{sum(auto['losses'][tail]) / 20:.4f} vs {sum(fp32['losses'][tail]) / 20:.4f}")
+        compare_loss_curves(args)
         return
 
-    peaks = {name: matmul_peak(name) for name in ("fp32", "bf16")}
+    from minigpt_cli.flops import measure_matmul_flops, transformer_flops_per_token
+
+    cpu = torch.device("cpu")
+    peaks = {name: measure_matmul_flops(cpu, dtype) / 1e9
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print("matmul peak here: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()))
     mine = run_worker("minigpt", args)
     m = mine["model"]
@@ -246,8 +247,8 @@ def main() -> None:
     print(f"{'':<30}{'tokens/s':>10}{'MFU':>8}{'peak MiB':>10}")
     for name, r, prec in (("straightforward fp32", base, "fp32"),
                           (f"minigpt ({mine['precision']})", mine, mine["precision"])):
-        fpt = flops_per_token(r["params"], m["num_layers"], m["max_seq_length"],
-                              m["embed_dim"], r["wpe"])
+        fpt = transformer_flops_per_token(r["params"] - r["wpe"], m["num_layers"],
+                                          m["max_seq_length"], m["embed_dim"])
         mfu = r["tokens_per_sec"] * fpt / (peaks[prec] * 1e9)
         print(f"{name:<30}{r['tokens_per_sec']:>10,.0f}{mfu:>8.1%}{r['peak_mib']:>10,.0f}")
     print(f"speed-up: {mine['tokens_per_sec'] / base['tokens_per_sec']:.2f}x")

@@ -93,6 +93,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the training steps (pays on GPUs, rarely on CPUs)
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum_steps", "log_interval", "eval_interval",

@@ -205,6 +205,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return grad_h * grad_out, grad_w, None, None, None, None, None
 
 
+@torch.compiler.disable  # loops and a data-dependent mask: eager, inside compiled models too
 def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
                        reduction: str = "mean", chunk: int | None = None,
                        tile: int | None = None, block: int | None = None) -> torch.Tensor:

@@ -77,12 +77,14 @@ class TrainingView:
 
     def _logged(self, e: Logged) -> None:
         self.step, self.elapsed = e.step, e.elapsed
+        mfu = "" if e.mfu is None else f" · MFU {e.mfu:.0%}"
         self.stats.update(epoch=f"{e.epoch:.2f}", loss=f"{e.loss:.4f}", lr=f"{e.lr:.2e}",
-                          speed=f"{e.tokens_per_sec:,.0f} tokens/s")
+                          speed=f"{e.tokens_per_sec:,.0f} tokens/s{mfu}")
         if not self.live_mode:
+            mfu = "" if e.mfu is None else f" (MFU {e.mfu:.0%})"
             self.console.print(
                 f"step {e.step:>6}/{e.total_steps} | epoch {e.epoch:.2f} | loss {e.loss:.4f} | "
-                f"lr {e.lr:.2e} | {e.tokens_per_sec:,.0f} tok/s | "
+                f"lr {e.lr:.2e} | {e.tokens_per_sec:,.0f} tok/s{mfu} | "
                 f"{human_duration(e.elapsed)} elapsed, ETA {human_duration(self._eta())}")
         self._refresh()
 

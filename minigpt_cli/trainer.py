@@ -61,6 +61,7 @@ class Logged:
     lr: float
     tokens_per_sec: float
     elapsed: float
+    mfu: float | None = None  # model FLOPs utilisation, where the device's peak is known
 
 
 @dataclass
@@ -114,6 +115,8 @@ class MetricsLog:
             record = {"step": event.step, "loss": round(event.loss, 6), "lr": event.lr,
                       "tokens_per_sec": round(event.tokens_per_sec, 1),
                       "epoch": round(event.epoch, 4), "elapsed": round(event.elapsed, 2)}
+            if event.mfu is not None:
+                record["mfu"] = round(event.mfu, 4)
         elif isinstance(event, Validated):
             record = {"step": event.step, "val_loss": round(event.val_loss, 6)}
         else:
@@ -142,8 +145,13 @@ def total_steps_for(cfg: TrainConfig, n_windows: int) -> int:
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, train_tokens: np.ndarray,
                  val_tokens: np.ndarray, seq_len: int, device: torch.device,
-                 precision: Precision, run_dir: Path, callbacks: list[Callback] = ()):
+                 precision: Precision, run_dir: Path, callbacks: list[Callback] = (),
+                 flops_per_token: float | None = None, peak_flops: float | None = None):
         self.model = model
+        # torch.compile'd for the training steps only; checkpoints and validation use `model`
+        self.train_model = torch.compile(model) if cfg.compile else model
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
         self.cfg = cfg
         self.seq_len = seq_len
         self.device = device
@@ -271,7 +279,7 @@ class Trainer:
             x = x.to(self.device, non_blocking=non_blocking)
             y = y.to(self.device, non_blocking=non_blocking)
             with self.precision.autocast(self.device):
-                _, loss = self.model(x, y)
+                _, loss = self.train_model(x, y)
             step_loss += loss.detach().float()
             self.scaler.scale(loss / accum).backward()
         if self.cfg.grad_clip > 0:
@@ -281,6 +289,11 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss / accum
+
+    def _mfu(self, tokens_per_sec: float) -> float | None:
+        if not self.flops_per_token or not self.peak_flops:
+            return None
+        return tokens_per_sec * self.flops_per_token / self.peak_flops
 
     def fit(self) -> Finished:
         cfg = self.cfg
@@ -313,7 +326,7 @@ class Trainer:
                                                                            1e-9)
                 last_log_time, last_log_step = now, self.step
                 self._emit(Logged(self.step, self.total_steps, self.sampler.epoch, loss_value,
-                                  lr, rate, self.elapsed))
+                                  lr, rate, self.elapsed, self._mfu(rate)))
             is_best = False
             if self.step % cfg.eval_interval == 0 or final:
                 val = self.validate()

@@ -15,7 +15,7 @@ import torch
 
 import minigpt_tokenizers
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli import data
+from minigpt_cli import data, flops
 from minigpt_cli.config import Config
 from minigpt_cli.device import configure_backends, select_device, select_precision
 from minigpt_cli.errors import CheckpointError, ConfigError, DataError
@@ -135,7 +135,8 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     metrics = MetricsLog(run_dir / ckpt.METRICS_FILE)
     trainer = Trainer(model, config.train, splits["train"].tokens, splits["val"].tokens,
                       config.model.max_seq_length, device, precision, run_dir,
-                      [metrics, *callbacks])
+                      [metrics, *callbacks], flops.flops_per_token(model),
+                      flops.peak_flops(device, precision))
     if resumed_from is not None:
         trainer.restore(resumed_from)
         saved_windows = ckpt.read_state(resumed_from)["sampler"].get("n_windows")

@@ -55,8 +55,8 @@ def config(corpus: Path, *extra: str) -> Config:
 def records(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the fields that measure time."""
     lines = (run_dir / ckpt.METRICS_FILE).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_sec", "elapsed")}
-            for line in lines]
+    timing = ("tokens_per_sec", "elapsed", "mfu")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
 
 
 def stop_after(run, steps: int):

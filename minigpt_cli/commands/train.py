@@ -51,13 +51,18 @@ def train(
     epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    compile_: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the model (faster steps on GPUs after a warm-up of a minute or "
+             "so; rarely pays on CPUs).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> None:
     """Train a GPT from a preset or config file, with live progress and checkpoints."""
     overrides = list(set_ or [])
     for key, value in (("data.dataset", dataset), ("tokenizer.spec", tokenizer),
                        ("train.max_steps", max_steps), ("train.epochs", epochs),
-                       ("train.seed", seed), ("train.device", device)):
+                       ("train.seed", seed), ("train.device", device),
+                       ("train.compile", compile_)):
         if value is not None:
             overrides.append(f"{key}={_yaml_scalar(value)}")
     cfg = Config.from_sources(preset, config, overrides)
