@@ -213,13 +213,14 @@ def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
 
     Under autocast the matmuls run in the autocast dtype; the softmax is always fp32.
     Sizes in rows: ``chunk`` rows share the gradient matmuls (by default up to 128M
-    logits: all rows of a CPU batch); on the CPU their logits are made ``tile`` rows at a
-    time (about 8M logits, which fit in a large L3 cache) and the softmax takes ``block``
-    rows at a time (about 1M logits, for L2). On a GPU, tile and block default to the chunk.
+    logits on the CPU, all rows of a typical batch; 32M on a GPU, where the whole chunk's
+    fp32 softmax exists at once). On the CPU the logits are made ``tile`` rows at a time
+    (about 8M logits, which fit in a large L3 cache) and the softmax takes ``block`` rows at
+    a time (about 1M logits, for L2). On a GPU, tile and block default to the chunk.
     """
     V = w.size(0)
-    chunk = chunk or max(256, (1 << 27) // V)
     on_cpu = h.device.type == "cpu"
+    chunk = chunk or max(256, (1 << (27 if on_cpu else 25)) // V)
     tile = tile or (max(1, (1 << 23) // V) if on_cpu else chunk)
     block = block or (max(1, (1 << 20) // V) if on_cpu else tile)
     dtype = (torch.get_autocast_dtype(h.device.type)

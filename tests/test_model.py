@@ -103,7 +103,8 @@ def test_model_config_validation(bad):
 
 
 @pytest.mark.parametrize("chunk,tile,block", [(7, None, None), (256, None, None),
-                                              (64, 10, 3), (300, 7, 7), (1000, 300, 299)])
+                                              (64, 10, 3), (300, 7, 7), (1000, 300, 299),
+                                              (64, 64, 64)])  # a GPU's sizes
 def test_chunked_head_loss_matches_cross_entropy(chunk, tile, block):
     from torch.nn import functional as F
 
