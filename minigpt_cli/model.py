@@ -156,8 +156,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, targets, dtype, chunk, tile, block):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, h, w, targets, dtype, chunk, tile, block, need_grad):
         w_c = w.to(dtype)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_wt = None  # (C, V): h_c.T @ g is much faster than g.T @ h_c
@@ -202,7 +201,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # (V, C) in w's own layout: a transposed gradient makes every later add slow
         grad_w = torch.empty(grad_wt.shape[::-1], dtype=ctx.w_dtype, device=grad_wt.device)
         grad_w.copy_(grad_wt.t()).mul_(grad_out)
-        return grad_h * grad_out, grad_w, None, None, None, None, None
+        return grad_h * grad_out, grad_w, None, None, None, None, None, None
 
 
 @torch.compiler.disable  # loops and a data-dependent mask: eager, inside compiled models too
@@ -225,8 +224,11 @@ def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
     block = block or (max(1, (1 << 20) // V) if on_cpu else tile)
     dtype = (torch.get_autocast_dtype(h.device.type)
              if torch.is_autocast_enabled(h.device.type) else h.dtype)
+    # not ctx.needs_input_grad, which is true under no_grad too: validation would pay for
+    # the two gradient matmuls
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
     with torch.autocast(h.device.type, enabled=False):
-        total = _ChunkedHeadLoss.apply(h, w, targets, dtype, chunk, tile, block)
+        total = _ChunkedHeadLoss.apply(h, w, targets, dtype, chunk, tile, block, need_grad)
     if reduction == "sum":
         return total
     if reduction == "mean":

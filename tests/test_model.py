@@ -216,3 +216,21 @@ def test_keep_freed_memory_is_safe_to_call_twice():
     assert keep_freed_memory() is expected
     assert keep_freed_memory() is expected
     torch.ones(50_000_000).sum()  # large tensors still allocate and free
+
+
+def test_head_loss_without_grad_skips_the_gradient_matmuls():
+    from torch.profiler import profile
+
+    from minigpt_cli.model import head_cross_entropy
+
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (64,))
+
+    def matmuls(grad: bool) -> int:
+        with torch.set_grad_enabled(grad), profile() as prof:
+            head_cross_entropy(h, w, t, chunk=32, tile=16, block=4)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+    assert matmuls(False) == 4  # one per tile: the logits
+    assert matmuls(True) == 4 + 2 * 2  # and per chunk, the gradients for h and w
