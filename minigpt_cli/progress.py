@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -104,16 +105,13 @@ class TrainingView:
             table.add_column()
         val = "—" if self.val is None else f"{self.val:.4f}"
         best = "—" if self.best is None else f"{self.best:.4f}"
-        memory = ""
-        if self.device.type == "cuda":
-            memory = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB peak"
         rows = [
             ("epoch", self.stats.get("epoch", "—"), "train loss", self.stats.get("loss", "—")),
             ("val loss", val, "best val", best),
             ("lr", self.stats.get("lr", "—"), "speed", self.stats.get("speed", "—")),
             ("elapsed", human_duration(self.elapsed), "ETA", human_duration(self._eta())),
-            ("device", self.device_label, "memory" if memory else "checkpoint",
-             memory or self.stats.get("checkpoint", "—")),
+            ("device", self.device_label, "peak memory", _peak_memory(self.device)),
+            ("checkpoint", self.stats.get("checkpoint", "—"), "", ""),
         ]
         for a, b, c, d in rows:
             table.add_row(f"[dim]{a}[/]", b, f"[dim]{c}[/]", d)
@@ -129,6 +127,19 @@ class TrainingView:
             self._live.update(self._render())
             self._live.stop()
             self._live = None
+
+
+def _peak_memory(device: torch.device) -> str:
+    """The GPU's peak allocation, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "—"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
+    mib = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    return f"{mib:,.0f} MiB (process)"
 
 
 class DataProgress:
