@@ -204,7 +204,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return grad_h * grad_out, grad_w, None, None, None, None, None, None
 
 
-@torch.compiler.disable  # loops and a data-dependent mask: eager, inside compiled models too
 def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
                        reduction: str = "mean", chunk: int | None = None,
                        tile: int | None = None, block: int | None = None) -> torch.Tensor:
@@ -250,6 +249,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self._head_loss = head_cross_entropy
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by depth so the residual stream stays unit-size
         for name, p in self.named_parameters():
@@ -317,9 +317,15 @@ class GPT(nn.Module):
             return self.lm_head(x), None  # (B, T, V)
         # The (B*T, V) logits are the largest tensor by far: compute the loss chunk by chunk
         # instead, and return no logits.
-        loss = head_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight,
-                                  targets.reshape(-1), reduction)
+        loss = self._head_loss(x.reshape(-1, x.size(-1)), self.lm_head.weight,
+                               targets.reshape(-1), reduction)
         return None, loss
+
+    def compile_for_training(self) -> nn.Module:
+        """This model under ``torch.compile``, sharing its weights. The chunked head loss
+        stays eager: its loops and data-dependent mask would only break the graph."""
+        self._head_loss = torch.compiler.disable(head_cross_entropy)  # imports torch._dynamo
+        return torch.compile(self)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay matrices, never biases, norms or embeddings."""

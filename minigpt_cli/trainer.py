@@ -1,4 +1,5 @@
-"""The training loop. It knows the model only as a module returning ``(logits, loss)``,
+"""The training loop. It knows the model only as a module returning ``(logits, loss)``
+(with ``compile_for_training()`` for ``train.compile``),
 reports progress through callbacks, and never prints.
 
 Stopping is cooperative: ``request_stop()`` (from a signal handler, say) makes the loop save
@@ -149,7 +150,7 @@ class Trainer:
                  flops_per_token: float | None = None, peak_flops: float | None = None):
         self.model = model
         # torch.compile'd for the training steps only; checkpoints and validation use `model`
-        self.train_model = torch.compile(model) if cfg.compile else model
+        self.train_model = model.compile_for_training() if cfg.compile else model
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.cfg = cfg

@@ -64,3 +64,12 @@ def test_wheel_holds_presets_and_minigpt_tokenizers(tmp_path):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[minigpt.tokenizers]" in text and "minigpt = minigpt_cli.cli:main" in text
+
+
+def test_startup_does_not_import_the_compiler():
+    """torch._dynamo takes about a second to import: only --compile may pay for it."""
+    code = ("import sys, minigpt_cli.cli, minigpt_cli.training; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
