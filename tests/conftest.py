@@ -83,3 +83,44 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     """A token cache of the test's own, so tests never read or fill ~/.cache."""
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def write_corpus(tmp_path, cache_dir):
+    """``write_corpus(text)`` writes ``tmp_path/corpus.txt`` (the token cache is the test's
+    own) and returns its path; ``write_corpus(lines=N)`` writes N short numbered lines."""
+    def write(text: str | None = None, lines: int = 0) -> Path:
+        if text is None:
+            text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}\n"
+                           for i in range(lines))
+        path = tmp_path / "corpus.txt"
+        path.write_text(text, encoding="utf-8")
+        return path
+    return write
+
+
+@pytest.fixture
+def toy_run():
+    """``toy_run(run_dir, dataset, seed=, step=, best_val_loss=, **model)``: a run directory
+    as training leaves it (byte tokenizer, an untrained 2-layer model, one best checkpoint)."""
+    def make(run_dir: Path, dataset: Path, seed: int = 0, step: int = 12,
+             best_val_loss: float = 5.25, **model) -> Path:
+        import torch
+
+        from minigpt_cli import checkpoint
+        from minigpt_cli.config import Config, ModelConfig
+        from minigpt_cli.model import GPT
+
+        cfg = Config()
+        cfg.model = ModelConfig(**{**dict(vocab_size=257, max_seq_length=32, embed_dim=32,
+                                          num_heads=2, num_layers=2, ff_dim=64, dropout=0.0),
+                                   **model})
+        cfg.data.dataset = str(dataset)
+        torch.manual_seed(seed)
+        checkpoint.create_run_dir(run_dir)
+        checkpoint.write_run_files(run_dir, cfg, minigpt_tokenizers.create("byte"))
+        checkpoint.save_checkpoint(run_dir, step, GPT(cfg.model),
+                                   state={"best_val_loss": best_val_loss},
+                                   training_tensors={}, best=True)
+        return run_dir
+    return make

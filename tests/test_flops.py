@@ -43,11 +43,8 @@ def test_cpu_peak_is_measured():
 
 
 @pytest.fixture
-def corpus(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(f"line {i}: a small corpus for MFU\n" for i in range(400)))
-    return path
+def corpus(write_corpus) -> Path:
+    return write_corpus(lines=400)
 
 
 def toy_run(corpus: Path, *extra: str) -> Config:

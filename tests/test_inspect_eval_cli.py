@@ -10,10 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import minigpt_tokenizers
-from minigpt_cli import checkpoint
 from minigpt_cli.cli import app
-from minigpt_cli.config import Config, ModelConfig
+from minigpt_cli.config import ModelConfig
 from minigpt_cli.device import cpu_has_fast_bf16
 from minigpt_cli.model import GPT
 
@@ -29,30 +27,13 @@ pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 @pytest.fixture
-def corpus(tmp_path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
-
-
-def make_run(run_dir: Path, dataset: Path, seed: int = 0, step: int = 12) -> Path:
-    cfg = Config()
-    cfg.model = ModelConfig(vocab_size=257, max_seq_length=32, embed_dim=32, num_heads=2,
-                            num_layers=2, ff_dim=64, dropout=0.0)
-    cfg.data.dataset = str(dataset)
-    tokenizer = minigpt_tokenizers.create("byte")
-    torch.manual_seed(seed)
-    model = GPT(cfg.model)
-    checkpoint.create_run_dir(run_dir)
-    checkpoint.write_run_files(run_dir, cfg, tokenizer)
-    checkpoint.save_checkpoint(run_dir, step, model, state={"best_val_loss": 5.25},
-                               training_tensors={}, best=True)
-    return run_dir
+def corpus(write_corpus) -> Path:
+    return write_corpus(TEXT)
 
 
 @pytest.fixture
-def run_dir(tmp_path, corpus) -> Path:
-    return make_run(tmp_path / "run", corpus)
+def run_dir(tmp_path, corpus, toy_run) -> Path:
+    return toy_run(tmp_path / "run", corpus)
 
 
 def invoke(*args: str):
@@ -95,9 +76,9 @@ def test_eval_json_defaults_to_the_runs_own_validation_split(run_dir, corpus):
     assert saved[f"{corpus}:val"]["loss"] == pytest.approx(r["loss"])
 
 
-def test_two_models_give_a_json_list_and_a_side_by_side_table(tmp_path, corpus):
-    a = make_run(tmp_path / "a", corpus, seed=1)
-    b = make_run(tmp_path / "b", corpus, seed=2)
+def test_two_models_give_a_json_list_and_a_side_by_side_table(tmp_path, corpus, toy_run):
+    a = toy_run(tmp_path / "a", corpus, seed=1)
+    b = toy_run(tmp_path / "b", corpus, seed=2)
     rows = ok_json("eval", "--model", a, "--model", b, "--split", "train", "--json")
     assert [Path(r["model"]).name for r in rows] == ["a", "b"]
     assert rows[0]["loss"] != rows[1]["loss"] and rows[0]["tokens"] == rows[1]["tokens"]

@@ -20,7 +20,7 @@ import minigpt_tokenizers
 from minigpt_cli import charts, checkpoint, datastats
 from minigpt_cli.attention import attention_map, attention_weights
 from minigpt_cli.cli import app
-from minigpt_cli.config import Config, ModelConfig
+from minigpt_cli.config import ModelConfig
 from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.figures import DPI, RUN_FIGSIZE, attention_figsize
 from minigpt_cli.model import GPT
@@ -48,24 +48,14 @@ pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 @pytest.fixture
-def corpus(tmp_path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
+def corpus(write_corpus) -> Path:
+    return write_corpus(TEXT)
 
 
 @pytest.fixture
-def run_dir(tmp_path, corpus) -> Path:
+def run_dir(tmp_path, corpus, toy_run) -> Path:
     """A toy run (byte tokenizer, 2 layers of 2 heads) with a metrics log, as train leaves it."""
-    run = tmp_path / "run"
-    cfg = Config()
-    cfg.model = ModelConfig(**TOY)
-    cfg.data.dataset = str(corpus)
-    torch.manual_seed(0)
-    checkpoint.create_run_dir(run)
-    checkpoint.write_run_files(run, cfg, minigpt_tokenizers.create("byte"))
-    checkpoint.save_checkpoint(run, 100, GPT(cfg.model), state={"best_val_loss": 3.5},
-                               training_tensors={}, best=True)
+    run = toy_run(tmp_path / "run", corpus, step=100, best_val_loss=3.5, **TOY)
     lines = [json.dumps(m) for m in METRICS]
     (run / checkpoint.METRICS_FILE).write_text("\n".join(lines) + "\n")
     return run

@@ -19,12 +19,8 @@ TOY = ["model.max_seq_length=32", "model.embed_dim=32", "model.num_heads=2",
 
 
 @pytest.fixture
-def corpus(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
-    lines = [f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(600)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def corpus(write_corpus) -> Path:
+    return write_corpus(lines=600)
 
 
 def config(corpus: Path, *extra: str) -> Config:
