@@ -167,9 +167,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             h_c = h[i:i + chunk].to(dtype)
             n = h_c.size(0)
             g = logits[:n]
-            valid = (targets[i:i + n] != -1).unsqueeze(1)
+            weight = (targets[i:i + n] != -1).unsqueeze(1).to(torch.float32)
             safe_t = targets[i:i + n].clamp(min=0).unsqueeze(1)
-            weight = valid.to(torch.float32)
             for j in range(0, n, tile):
                 torch.mm(h_c[j:j + tile], w_c.t(), out=g[j:j + tile])
                 for k in range(j, min(j + tile, n), block):
@@ -179,18 +178,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     total -= (p_target.log() * weight[rows]).sum()
                     if need_grad:
                         probs.scatter_add_(1, safe_t[rows], -weight[rows])  # softmax - one-hot
-                        g[rows].copy_(probs)
+                        g[rows].copy_(probs.mul_(weight[rows]))  # ignored rows: no gradient
             if need_grad:
-                if not bool(valid.all()):
-                    g.mul_(valid)
                 grad_h[i:i + n] = (g @ w_c).to(h.dtype)
                 part = h_c.t() @ g
-                if grad_wt is None:
-                    grad_wt = part
-                elif grad_wt.dtype == torch.float32:
-                    grad_wt += part
-                else:
-                    grad_wt = grad_wt.float() + part
+                grad_wt = part if grad_wt is None else grad_wt.float().add_(part)
         ctx.save_for_backward(grad_h, grad_wt)
         ctx.w_dtype = w.dtype
         return total
