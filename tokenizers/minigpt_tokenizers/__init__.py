@@ -14,10 +14,6 @@ A spec names a plugin and, after the first colon, an argument the plugin interpr
 
 from __future__ import annotations
 
-if __name__ == "tokenizers":  # imported from a checkout's root, shadowing Hugging Face's package
-    raise ImportError("this folder is minigpt's tokenizer plugins, installed as "
-                      "'minigpt_tokenizers'; it is not Hugging Face's 'tokenizers' package")
-
 import hashlib
 import json
 from abc import ABC, abstractmethod
