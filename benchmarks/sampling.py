@@ -27,8 +27,9 @@ import torch
 from torch.nn import functional as F
 
 from minigpt_cli.config import ModelConfig
-from minigpt_cli.model import GPT
-from minigpt_cli.sampling import Engine, GenerationResult, SamplingSettings, sample_next
+from minigpt_cli.generate.decoding import SamplingSettings, sample_next
+from minigpt_cli.generate.engine import Engine, GenerationResult
+from minigpt_cli.model.gpt import GPT
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 

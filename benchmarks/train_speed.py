@@ -115,7 +115,7 @@ def load_tokens(args):
 # ---- minigpt itself -----------------------------------------------------------------------
 
 def minigpt_worker(args) -> dict:
-    from minigpt_cli.cli import app
+    from minigpt_cli.cli.app import app
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
@@ -141,7 +141,7 @@ def minigpt_worker(args) -> dict:
     cfg = yaml.safe_load(config)
     m = cfg["model"]
     from minigpt_cli.config import ModelConfig
-    from minigpt_cli.model import GPT
+    from minigpt_cli.model.gpt import GPT
 
     n = GPT(ModelConfig(**m)).num_params()
     return {"tokens_per_sec": sum(rates) / len(rates), "params": n,
@@ -229,7 +229,7 @@ def main() -> None:
         compare_loss_curves(args)
         return
 
-    from minigpt_cli.flops import measure_matmul_flops, transformer_flops_per_token
+    from minigpt_cli.model.flops import measure_matmul_flops, transformer_flops_per_token
 
     cpu = torch.device("cpu")
     peaks = {name: measure_matmul_flops(cpu, dtype) / 1e9

@@ -1,3 +1,3 @@
-from minigpt_cli.cli import main
+from minigpt_cli.cli.app import main
 
 main()

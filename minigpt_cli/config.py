@@ -193,7 +193,7 @@ class Config:
                      overrides: typing.Sequence[str] = ()) -> Config:
         """A preset or a file (a file may name a preset to start from), then overrides."""
         if preset and config_file:
-            raise ConfigError("give either --preset or --config, not both")
+            raise ConfigError("give either a preset or a config file, not both")
         if config_file:
             cfg = cls.from_file(config_file)
         else:
@@ -201,8 +201,8 @@ class Config:
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
-                raise ConfigError(f"bad override '{item}'", "use --set section.key=value")
-            set_key(cfg, key.strip(), _safe_yaml(value, f"--set {key}") if value else "")
+                raise ConfigError(f"bad override '{item}'", "write section.key=value")
+            set_key(cfg, key.strip(), _safe_yaml(value, f"override {key}") if value else "")
         return cfg.validate()
 
 

@@ -23,23 +23,25 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available",
-                              "use --device cpu or --device auto")
+            raise DeviceError(f"device {name} was asked for but no CUDA GPU is available",
+                              "use cpu or auto", setting="device")
         try:
             dev = torch.device(name)
         except RuntimeError as e:
-            raise DeviceError(f"unknown device '{name}'", "use cuda or cuda:N") from e
+            raise DeviceError(f"device {name} is unknown", "use cuda or cuda:N",
+                              setting="device") from e
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(f"no GPU {dev.index}: {torch.cuda.device_count()} visible")
         return dev
     if name == "mps":
         if not _mps_available():
-            raise DeviceError("--device mps was asked for but Apple MPS is not available",
-                              "use --device cpu or --device auto")
+            raise DeviceError("device mps was asked for but Apple MPS is not available",
+                              "use cpu or auto", setting="device")
         return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
-    raise DeviceError(f"unknown device '{name}'", "use auto, cpu, cuda, cuda:N or mps")
+    raise DeviceError(f"device {name} is unknown", "use auto, cpu, cuda, cuda:N or mps",
+                      setting="device")
 
 
 def _mps_available() -> bool:
@@ -93,14 +95,16 @@ def select_precision(requested: str, device: torch.device) -> Precision:
         return Precision("fp32", None)
     if requested == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise DeviceError("this GPU does not support bf16", "use --set train.precision=fp16")
+            raise DeviceError("precision bf16 is not supported by this GPU", "use fp16",
+                              setting="precision")
         return Precision("bf16", torch.bfloat16)
     if requested == "fp16":
         if device.type == "cpu":
-            raise DeviceError("fp16 autocast is not supported on the CPU",
-                              "use --set train.precision=bf16 or fp32")
+            raise DeviceError("precision fp16 is not supported on the CPU", "use bf16 or fp32",
+                              setting="precision")
         return Precision("fp16", torch.float16)
-    raise DeviceError(f"unknown precision '{requested}'", "use auto, fp32, bf16 or fp16")
+    raise DeviceError(f"precision {requested} is unknown", "use auto, fp32, bf16 or fp16",
+                      setting="precision")
 
 
 def configure_backends(device: torch.device) -> None:

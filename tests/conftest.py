@@ -107,9 +107,9 @@ def toy_run():
              best_val_loss: float = 5.25, **model) -> Path:
         import torch
 
-        from minigpt_cli import checkpoint
         from minigpt_cli.config import Config, ModelConfig
-        from minigpt_cli.model import GPT
+        from minigpt_cli.model.gpt import GPT
+        from minigpt_cli.run import checkpoint, layout
 
         cfg = Config()
         cfg.model = ModelConfig(**{**dict(vocab_size=257, max_seq_length=32, embed_dim=32,
@@ -117,8 +117,8 @@ def toy_run():
                                    **model})
         cfg.data.dataset = str(dataset)
         torch.manual_seed(seed)
-        checkpoint.create_run_dir(run_dir)
-        checkpoint.write_run_files(run_dir, cfg, minigpt_tokenizers.create("byte"))
+        layout.create_run_dir(run_dir)
+        layout.write_run_files(run_dir, cfg, minigpt_tokenizers.create("byte"))
         checkpoint.save_checkpoint(run_dir, step, GPT(cfg.model),
                                    state={"best_val_loss": best_val_loss},
                                    training_tensors={}, best=True)

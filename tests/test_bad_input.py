@@ -16,10 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.cli import app
+from minigpt_cli.cli.app import app
 from minigpt_cli.config import Config
-from minigpt_cli.training import prepare
+from minigpt_cli.run import checkpoint, layout
+from minigpt_cli.train.setup import prepare
 
 TOY = ["model.max_seq_length=32", "model.embed_dim=32", "model.num_heads=2",
        "model.num_layers=1", "model.ff_dim=64", "model.dropout=0.0", "train.batch_size=4",
@@ -51,7 +51,7 @@ def world(tmp_path: Path, trained: Path, monkeypatch) -> Path:
     """A copy of the trained run and its corpus; the current folder and the cache are here."""
     w = tmp_path / "w"
     shutil.copytree(trained, w)
-    cfg = w / RUN / ckpt.CONFIG_FILE  # the copy trains on its own corpus
+    cfg = w / RUN / layout.CONFIG_FILE  # the copy trains on its own corpus
     cfg.write_text(cfg.read_text().replace(str(trained / CORPUS), str(w / CORPUS)))
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(w / ".cache"))
     monkeypatch.chdir(w)
@@ -92,16 +92,16 @@ def resume(*args: str) -> Callable[[Path], list[str]]:
 
 
 def best_dir(w: Path) -> Path:
-    return ckpt.checkpoint_dir(w / RUN, "best")
+    return checkpoint.checkpoint_dir(w / RUN, "best")
 
 
 def truncate(w: Path) -> None:
-    path = best_dir(w) / ckpt.MODEL_FILE
+    path = best_dir(w) / checkpoint.MODEL_FILE
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def flip_bytes(w: Path) -> None:
-    path = best_dir(w) / ckpt.MODEL_FILE
+    path = best_dir(w) / checkpoint.MODEL_FILE
     data = bytearray(path.read_bytes())
     for i in range(len(data) - 64, len(data) - 32):
         data[i] ^= 0xFF
@@ -109,14 +109,14 @@ def flip_bytes(w: Path) -> None:
 
 
 def edit_config(w: Path) -> None:
-    path = w / RUN / ckpt.CONFIG_FILE
+    path = w / RUN / layout.CONFIG_FILE
     path.write_text(path.read_text().replace("ff_dim: 64", "ff_dim: 128"))
 
 
 def tokenizer_json(files: dict[str, bytes] | None = None, **meta) -> Callable[[Path], None]:
     """Replace the run's tokenizer.json (and add ``files`` beside it)."""
     def setup(w: Path) -> None:
-        tok = w / RUN / ckpt.TOKENIZER_DIR
+        tok = w / RUN / layout.TOKENIZER_DIR
         for name, content in (files or {}).items():
             (tok / name).write_bytes(content)
         (tok / "tokenizer.json").write_text(json.dumps({"spec": "x", "vocab_size": 257,
@@ -126,13 +126,13 @@ def tokenizer_json(files: dict[str, bytes] | None = None, **meta) -> Callable[[P
 
 def outside_link(w: Path) -> None:
     (w / "elsewhere.bin").write_bytes(b"\0" * 64)
-    weights = best_dir(w) / ckpt.MODEL_FILE
+    weights = best_dir(w) / checkpoint.MODEL_FILE
     weights.unlink()
     weights.symlink_to(w / "elsewhere.bin")
 
 
 def pointer_out(w: Path) -> None:
-    (w / RUN / ckpt.CKPT_DIR / "best.json").write_text(json.dumps({"dir": "../../elsewhere"}))
+    (w / RUN / layout.CKPT_DIR / "best.json").write_text(json.dumps({"dir": "../../elsewhere"}))
 
 
 def not_a_run(w: Path) -> None:
@@ -144,7 +144,7 @@ def no_space(monkeypatch) -> None:
     def full(path: Path, data: bytes) -> None:
         Path(path).write_bytes(data[: len(data) // 3])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    monkeypatch.setattr(ckpt, "_write_bytes", full)
+    monkeypatch.setattr(checkpoint, "write_synced", full)
 
 
 GENERATE = ["generate", "--model", RUN, "--prompt", "The", "--max-new-tokens", "3", "--seed",

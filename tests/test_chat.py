@@ -17,34 +17,25 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import minigpt_tokenizers
-from minigpt_cli import checkpoint, sampling
-from minigpt_cli.cli import app
+from minigpt_cli.chat.session import ChatSession
+from minigpt_cli.chat.template import TEMPLATES, Turn
+from minigpt_cli.chat.transcript import Saved, parse_transcript, transcript
+from minigpt_cli.cli.app import app
+from minigpt_cli.cli.repl import SlashCompleter, run_piped, run_repl
 from minigpt_cli.config import Config, ModelConfig
-from minigpt_cli.model import GPT
-from minigpt_cli.repl import (
-    TEMPLATES,
-    ChatSession,
-    Saved,
-    SlashCompleter,
-    Turn,
-    data_dir,
-    parse_transcript,
-    run_piped,
-    run_repl,
-    transcript,
-)
-from minigpt_cli.sampling import Engine, SamplingSettings
+from minigpt_cli.generate import cache, engine
+from minigpt_cli.generate.decoding import SamplingSettings
+from minigpt_cli.generate.engine import Engine
+from minigpt_cli.model.gpt import GPT
+from minigpt_cli.paths import data_dir
+from minigpt_cli.run import checkpoint, layout
 
 runner = CliRunner()
 TOY = dict(vocab_size=257, max_seq_length=32, embed_dim=32, num_heads=2, num_layers=2,
            ff_dim=64, dropout=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Toy models gain nothing from threads, and lose much to them on a busy machine."""
-    with sampling.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread is fastest
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +54,8 @@ def run_dir(tmp_path_factory, tok, model) -> Path:
     run = tmp_path_factory.mktemp("runs") / "toy"
     cfg = Config()
     cfg.model = ModelConfig(**TOY)
-    checkpoint.create_run_dir(run)
-    checkpoint.write_run_files(run, cfg, tok)
+    layout.create_run_dir(run)
+    layout.write_run_files(run, cfg, tok)
     checkpoint.save_checkpoint(run, 10, model, state={}, training_tensors={}, best=True)
     return run
 
@@ -84,7 +75,7 @@ def session(model, tok, template="chat", **kw) -> ChatSession:
 @pytest.fixture
 def scripted(monkeypatch, tok):
     """The model 'says' this text (then end-of-text) in every reply, whatever the prompt."""
-    prefill = sampling.CachedLM.prefill
+    prefill = cache.CachedLM.prefill
 
     def script(text: str):
         tokens = iter([])
@@ -97,8 +88,8 @@ def scripted(monkeypatch, tok):
         def fake_sample_next(logits, settings, generator=None, recent=None):
             return torch.full((logits.size(0),), next(tokens, tok.eot_id), dtype=torch.long)
 
-        monkeypatch.setattr(sampling.CachedLM, "prefill", fake_prefill)
-        monkeypatch.setattr(sampling, "sample_next", fake_sample_next)
+        monkeypatch.setattr(cache.CachedLM, "prefill", fake_prefill)
+        monkeypatch.setattr(engine, "sample_next", fake_sample_next)
 
     return script
 
@@ -326,7 +317,7 @@ def test_repl_multi_line_input_ctrl_c_and_quit(model, tok, data_home):
 
 def test_ctrl_c_during_a_reply_keeps_the_session(model, tok, scripted, monkeypatch):
     scripted("abcdef")
-    script, calls = sampling.sample_next, 0
+    script, calls = engine.sample_next, 0
 
     def interrupted(*args, **kwargs):  # Ctrl-C arrives while the third token is sampled
         nonlocal calls
@@ -335,7 +326,7 @@ def test_ctrl_c_during_a_reply_keeps_the_session(model, tok, scripted, monkeypat
             signal.raise_signal(signal.SIGINT)
         return script(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "sample_next", interrupted)
+    monkeypatch.setattr(engine, "sample_next", interrupted)
     s = session(model, tok, template="plain", max_new_tokens=40)
     code, out = drive(s, "hello\ragain\r/show\r/quit\r")
     assert code == 0

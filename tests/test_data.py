@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 import minigpt_tokenizers
-from minigpt_cli import data
-from minigpt_cli.data import DataError, check_length, resolve_source, token_cache
+from minigpt_cli import paths
+from minigpt_cli.data import corpus, files
+from minigpt_cli.data import token_cache as token_cache_module
+from minigpt_cli.data.resolve import DataError, resolve_source
+from minigpt_cli.data.token_cache import check_length, token_cache
 
 SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR")
               or Path(__file__).resolve().parents[2] / "shared")
@@ -114,7 +117,7 @@ def test_file_split_by_position_at_line_boundary():
 
 
 def test_chunks_end_at_newlines(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(files, "CHUNK_BYTES", 1000)
     path = tmp_path / "t.txt"
     text = "".join(f"line {i} héllo wörld\n" for i in range(2000))
     path.write_text(text, encoding="utf-8")
@@ -177,13 +180,11 @@ def test_stdlib_docs_corpus(corpus_cache):
 
 
 def test_stdlib_docs_skips_tests_and_uses_ast():
-    from minigpt_cli import corpus
-
-    files = corpus.source_files(corpus.stdlib_dir())
-    rels = [f.relative_to(corpus.stdlib_dir()).parts for f in files]
+    sources = corpus.source_files(corpus.stdlib_dir())
+    rels = [f.relative_to(corpus.stdlib_dir()).parts for f in sources]
     assert rels and not any({"test", "tests", "idle_test", "site-packages"} & set(p[:-1])
                             for p in rels)
-    assert [f.as_posix() for f in files] == sorted(f.as_posix() for f in files)
+    assert [f.as_posix() for f in sources] == sorted(f.as_posix() for f in sources)
     import ast
     tree = ast.parse('"""Mod."""\nclass A:\n    """  Cls.\n      more"""\n'
                      '    def f(self):\n        """Fn."""\nif 1:\n    def g():\n        "G."\n')
@@ -231,8 +232,8 @@ def test_token_cache_reuse_stats_and_dtype(tmp_path):
 
 
 def test_token_cache_batches_and_counts_words_across_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(data, "MAX_CHUNK_BYTES", 128)
+    monkeypatch.setattr(files, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(files, "MAX_CHUNK_BYTES", 128)
     path = tmp_path / "t.txt"
     text = "short line\n" + "x" * 1000 + " tail words here\n" + "end\n" * 50
     path.write_text(text)
@@ -299,7 +300,7 @@ def test_bad_files(tmp_path, content, message):
 
 def test_bad_utf8_late_in_file_fails_while_reading(tmp_path):
     path = tmp_path / "late.txt"
-    path.write_bytes(b"ok line\n" * (data.CHECK_BYTES // 8 + 10) + b"\xff\xfe bad\n" * 10)
+    path.write_bytes(b"ok line\n" * (files.CHECK_BYTES // 8 + 10) + b"\xff\xfe bad\n" * 10)
     src = resolve_source(str(path), 0.5)
     with pytest.raises(DataError, match="not UTF-8"):
         token_cache(src, "val", byte_tokenizer(), tmp_path / "c")
@@ -326,8 +327,8 @@ def test_unknown_split(tmp_path):
 def test_empty_split_and_unwritable_cache(tmp_path):
     path = tmp_path / "one.txt"
     path.write_text("a single line without newline")
-    src = data.FileSource("x", {"train": [data.Segment(path, 0, 5)],
-                                "val": [data.Segment(path, 5, 5)]})
+    src = files.FileSource("x", {"train": [files.Segment(path, 0, 5)],
+                                "val": [files.Segment(path, 5, 5)]})
     with pytest.raises(DataError, match="empty"):
         token_cache(src, "val", byte_tokenizer(), tmp_path / "c")
     blocker = tmp_path / "a-file"
@@ -338,8 +339,9 @@ def test_empty_split_and_unwritable_cache(tmp_path):
 
 
 def test_check_length():
-    arr = data.TokenArray(tokens=np.zeros(100, np.uint16), num_tokens=100, num_bytes=100,
-                          num_words=10, num_lines=1, path=Path("x.bin"))
+    arr = token_cache_module.TokenArray(tokens=np.zeros(100, np.uint16), num_tokens=100,
+                                        num_bytes=100, num_words=10, num_lines=1,
+                                        path=Path("x.bin"))
     check_length(arr, 99, "val")
     with pytest.raises(DataError, match="the val split has 100 tokens, fewer than one "
                                         "context window of 101") as e:
@@ -349,10 +351,10 @@ def test_check_length():
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "m"))
-    assert data.default_cache_dir() == tmp_path / "m"
+    assert paths.cache_dir() == tmp_path / "m"
     monkeypatch.delenv("MINIGPT_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert data.default_cache_dir() == tmp_path / "x" / "minigpt"
+    assert paths.cache_dir() == tmp_path / "x" / "minigpt"
 
 
 # --- Hugging Face (no network: load_dataset is monkeypatched) --------------------------
@@ -371,6 +373,35 @@ def test_hf_offline_is_a_data_error(monkeypatch):
             resolve_source(name)
         assert "\n" not in e.value.message
         assert "stdlib-docs" in e.value.hint and "local text file" in e.value.hint
+
+
+def test_hf_offline_mode_is_set_for_the_call_only(monkeypatch):
+    """With no route to the Hub, load_dataset runs in offline mode (its local cache answers
+    at once); the mode is put back afterwards and the environment is left alone."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    from minigpt_cli.data import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: False)
+    seen = []
+
+    def load_dataset(path, config=None):
+        seen.append((datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a\n"] * 9})})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    resolve_source("hf:someone/corpus")
+    assert seen == [(True, True)]
+    assert datasets.config.HF_HUB_OFFLINE is False
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False
+    assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: True)  # online: left as it is
+    resolve_source("hf:someone/corpus")
+    assert seen[-1] == (False, False)
 
 
 def test_hf_not_found_is_a_data_error(monkeypatch):
@@ -429,7 +460,7 @@ def test_tinyshakespeare_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DataError, match="cannot download tinyshakespeare") as e:
         resolve_source("tinyshakespeare", cache_dir=tmp_path)
-    assert "--dataset" in e.value.hint
+    assert "pass the file itself" in e.value.hint
 
 
 def test_tinyshakespeare_download_is_cached(tmp_path, monkeypatch):

@@ -11,12 +11,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from minigpt_cli import evaluation
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.device import Precision
 from minigpt_cli.errors import MiniGPTError
-from minigpt_cli.evaluation import EvalResult, evaluate, windows
-from minigpt_cli.model import GPT
+from minigpt_cli.evaluate import perplexity as evaluation
+from minigpt_cli.evaluate.perplexity import EvalResult, evaluate
+from minigpt_cli.evaluate.perplexity import scoring_windows as windows
+from minigpt_cli.model.gpt import GPT
 
 FP32 = Precision("fp32", None)
 
@@ -175,7 +176,3 @@ def test_record_keeps_results_keyed(tmp_path):
     data = json.loads((tmp_path / "eval.json").read_text())
     assert set(data) == {"wikitext-2:test", "wikitext-2:val@stride=64"}
     assert data["wikitext-2:test"]["loss"] == 3
-
-
-def test_text_stats_counts_utf8_bytes_and_words():
-    assert evaluation.text_stats("naïve  café\nok") == (len("naïve  café\nok".encode()), 3)

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt_cli import flops
 from minigpt_cli.config import Config, ModelConfig
 from minigpt_cli.device import Precision
-from minigpt_cli.model import GPT
+from minigpt_cli.model import flops
+from minigpt_cli.model.gpt import GPT
 
 BF16, FP32 = Precision("bf16", torch.bfloat16), Precision("fp32", None)
 
@@ -55,7 +55,7 @@ def toy_run(corpus: Path, *extra: str) -> Config:
 
 
 def test_metrics_record_mfu(corpus, tmp_path):
-    from minigpt_cli.training import prepare
+    from minigpt_cli.train.setup import prepare
 
     run = prepare(toy_run(corpus), tmp_path / "run")
     assert run.trainer.peak_flops > 0
@@ -70,7 +70,7 @@ def test_metrics_record_mfu(corpus, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside torch._dynamo
 def test_compile_wraps_the_training_model_only(corpus, tmp_path):
-    from minigpt_cli.training import prepare
+    from minigpt_cli.train.setup import prepare
 
     run = prepare(toy_run(corpus, "train.compile=true"), tmp_path / "run")
     assert run.trainer.train_model is not run.trainer.model
@@ -82,7 +82,7 @@ def test_compile_wraps_the_training_model_only(corpus, tmp_path):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_training_matches_eager(corpus, tmp_path):
-    from minigpt_cli.training import prepare
+    from minigpt_cli.train.setup import prepare
 
     losses = []
     for name, extra in (("eager", ()), ("compiled", ("train.compile=true",))):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from minigpt_cli.cli import app
+from minigpt_cli.cli.app import app
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.device import cpu_has_fast_bf16
-from minigpt_cli.model import GPT
+from minigpt_cli.model.gpt import GPT
 
 runner = CliRunner()
 

@@ -17,13 +17,15 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import minigpt_tokenizers
-from minigpt_cli import charts, checkpoint, datastats
-from minigpt_cli.attention import attention_map, attention_weights
-from minigpt_cli.cli import app
+from minigpt_cli.cli import charts
+from minigpt_cli.cli.app import app
+from minigpt_cli.cli.figures import DPI, RUN_FIGSIZE, attention_figsize
 from minigpt_cli.config import ModelConfig
+from minigpt_cli.data import stats as datastats
 from minigpt_cli.errors import MiniGPTError
-from minigpt_cli.figures import DPI, RUN_FIGSIZE, attention_figsize
-from minigpt_cli.model import GPT
+from minigpt_cli.evaluate.attention import attention_map
+from minigpt_cli.model.gpt import GPT
+from minigpt_cli.run import layout
 
 runner = CliRunner()
 
@@ -57,7 +59,7 @@ def run_dir(tmp_path, corpus, toy_run) -> Path:
     """A toy run (byte tokenizer, 2 layers of 2 heads) with a metrics log, as train leaves it."""
     run = toy_run(tmp_path / "run", corpus, step=100, best_val_loss=3.5, **TOY)
     lines = [json.dumps(m) for m in METRICS]
-    (run / checkpoint.METRICS_FILE).write_text("\n".join(lines) + "\n")
+    (run / layout.METRICS_FILE).write_text("\n".join(lines) + "\n")
     return run
 
 
@@ -118,7 +120,7 @@ def test_attention_weights_times_values_reproduce_the_fused_attention():
         h.remove()
     B, T, C, H = 2, 11, 32, 2
     for layer in range(2):
-        w = attention_weights(model, idx, layer)  # (B, H, T, T)
+        w = model.attention_weights(idx, layer)  # (B, H, T, T)
         assert w.shape == (B, H, T, T)
         torch.testing.assert_close(w.sum(-1), torch.ones(B, H, T))
         assert torch.all(w.triu(1) == 0)
@@ -135,10 +137,12 @@ def test_attention_map_heads_mean_and_range():
     ids = [5, 9, 200, 3, 3, 17]
     heads = [attention_map(model, ids, 1, h) for h in range(2)]
     torch.testing.assert_close(attention_map(model, ids, 1), (heads[0] + heads[1]) / 2)
-    with pytest.raises(MiniGPTError, match="--layer 2"):
+    with pytest.raises(MiniGPTError, match="^layer 2 is out of range") as e:
         attention_map(model, ids, 2)
-    with pytest.raises(MiniGPTError, match="--head 2"):
+    assert e.value.setting == "layer"
+    with pytest.raises(MiniGPTError, match="^head 2 is out of range") as e:
         attention_map(model, ids, 0, 2)
+    assert e.value.setting == "head"
     with pytest.raises(MiniGPTError, match="no tokens"):
         attention_map(model, [], 0)
 
@@ -236,7 +240,7 @@ def test_inspect_run_png(run_dir, tmp_path):
 
 
 def test_inspect_run_skips_a_half_written_line(run_dir):
-    with (run_dir / checkpoint.METRICS_FILE).open("a") as f:
+    with (run_dir / layout.METRICS_FILE).open("a") as f:
         f.write('{"step": 110, "loss": 1.2, "lr"')
     result = invoke("inspect", "run", run_dir, "--json")
     assert result.exit_code == 0, result.output
@@ -245,9 +249,9 @@ def test_inspect_run_skips_a_half_written_line(run_dir):
 
 def test_inspect_run_errors(run_dir, tmp_path):
     assert_one_line_error(invoke("inspect", "run", tmp_path / "nope"), "does not exist")
-    (run_dir / checkpoint.METRICS_FILE).unlink()
+    (run_dir / layout.METRICS_FILE).unlink()
     assert_one_line_error(invoke("inspect", "run", run_dir), "no metrics.jsonl")
-    (run_dir / checkpoint.METRICS_FILE).write_text("")
+    (run_dir / layout.METRICS_FILE).write_text("")
     assert_one_line_error(invoke("inspect", "run", run_dir), "no training records")
     assert_one_line_error(invoke("inspect", "run", tmp_path), "not a minigpt run")
 
@@ -398,7 +402,7 @@ def test_heat_map_shows_the_last_tokens_that_fit():
 
 
 def test_lengths_of_a_large_split_are_sampled_but_every_document_is_counted(corpus):
-    from minigpt_cli.data import resolve_source
+    from minigpt_cli.data.resolve import resolve_source
 
     source = resolve_source(str(corpus))
     tok = minigpt_tokenizers.create("byte")

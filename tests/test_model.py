@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minigpt_cli.config import ModelConfig
-from minigpt_cli.model import GPT
+from minigpt_cli.model.gpt import GPT
 
 
 def toy(**kw) -> GPT:
@@ -108,7 +108,7 @@ def test_model_config_validation(bad):
 def test_chunked_head_loss_matches_cross_entropy(chunk, tile, block):
     from torch.nn import functional as F
 
-    from minigpt_cli.model import head_cross_entropy
+    from minigpt_cli.model.kernels import head_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(300, 16, requires_grad=True)
@@ -141,7 +141,7 @@ def test_model_loss_equals_loss_from_logits():
 def test_chunked_head_loss_in_bf16_matches_autocast_cross_entropy():
     from torch.nn import functional as F
 
-    from minigpt_cli.model import head_cross_entropy
+    from minigpt_cli.model.kernels import head_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(200, 32, requires_grad=True)
@@ -162,7 +162,7 @@ def test_chunked_head_loss_in_bf16_matches_autocast_cross_entropy():
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_drops_at_rate_p_and_keeps_the_mean(p):
-    from minigpt_cli.model import dropout
+    from minigpt_cli.model.kernels import dropout
 
     torch.manual_seed(0)
     x = torch.ones(200_000, requires_grad=True)
@@ -180,7 +180,7 @@ def test_dropout_drops_at_rate_p_and_keeps_the_mean(p):
 
 
 def test_dropout_odd_shapes_and_bf16():
-    from minigpt_cli.model import dropout
+    from minigpt_cli.model.kernels import dropout
 
     x = torch.ones(3, 5, 7, dtype=torch.bfloat16)
     y = dropout(x, 0.3)
@@ -191,18 +191,18 @@ def test_dropout_odd_shapes_and_bf16():
 def test_explicit_attention_is_sdpa_when_nothing_is_dropped():
     from torch.nn import functional as F
 
-    model = toy(dropout=0.2).train()
-    attn = model.transformer.h[0].attn
+    from minigpt_cli.model.kernels import math_attention
+
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
-    attn.dropout = 0.0  # the manual path with nothing dropped is plain attention
-    torch.testing.assert_close(attn._explicit_attention(q, k, v, None, True),
+    # the written-out path with nothing dropped is plain attention
+    torch.testing.assert_close(math_attention(q, k, v, None, True),
                                F.scaled_dot_product_attention(q, k, v, is_causal=True))
     mask = torch.ones(9, 12, dtype=torch.bool).tril(3)
     k2, v2 = torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 8)
-    torch.testing.assert_close(attn._explicit_attention(q, k2, v2, mask, False),
+    torch.testing.assert_close(math_attention(q, k2, v2, mask, False),
                                F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask))
-    attn.dropout = 0.2
+    model = toy(dropout=0.2).train()
     y = model(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16)))[1]
     assert torch.isfinite(y)
 
@@ -221,7 +221,7 @@ def test_keep_freed_memory_is_safe_to_call_twice():
 def test_head_loss_without_grad_skips_the_gradient_matmuls():
     from torch.profiler import profile
 
-    from minigpt_cli.model import head_cross_entropy
+    from minigpt_cli.model.kernels import head_cross_entropy
 
     h = torch.randn(64, 16, requires_grad=True)
     w = torch.randn(40, 16, requires_grad=True)

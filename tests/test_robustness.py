@@ -20,13 +20,15 @@ import torch
 from typer.testing import CliRunner
 
 import minigpt_tokenizers
-from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.cli import app
-from minigpt_cli.commands import train as train_command
+from minigpt_cli import fileio
+from minigpt_cli.cli.app import app
 from minigpt_cli.config import Config
 from minigpt_cli.errors import CheckpointError, MiniGPTError
-from minigpt_cli.trainer import Saved, TrainingDiverged, TrainingStopped
-from minigpt_cli.training import prepare
+from minigpt_cli.run import checkpoint, layout, load
+from minigpt_cli.train import setup
+from minigpt_cli.train.events import Saved
+from minigpt_cli.train.setup import prepare
+from minigpt_cli.train.trainer import TrainingDiverged, TrainingStopped
 
 TOY = ["model.max_seq_length=32", "model.embed_dim=32", "model.num_heads=2",
        "model.num_layers=1", "model.ff_dim=64", "model.dropout=0.1", "train.batch_size=4",
@@ -50,7 +52,7 @@ def config(corpus: Path, *extra: str) -> Config:
 
 def records(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the fields that measure time."""
-    lines = (run_dir / ckpt.METRICS_FILE).read_text().splitlines()
+    lines = (run_dir / layout.METRICS_FILE).read_text().splitlines()
     timing = ("tokens_per_sec", "elapsed", "mfu")
     return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
 
@@ -91,7 +93,7 @@ def test_a_metrics_line_torn_by_a_crash_is_dropped_on_resume(corpus, tmp_path):
     stop_after(run, 5)
     with pytest.raises(TrainingStopped):
         run.trainer.fit()
-    with (tmp_path / "part" / ckpt.METRICS_FILE).open("a") as f:
+    with (tmp_path / "part" / layout.METRICS_FILE).open("a") as f:
         f.write('{"step": 6, "loss": 4.2')  # kill -9 in the middle of a write
     prepare(config(corpus, "train.max_steps=6"), tmp_path / "part", resume=True).trainer.fit()
     assert records(tmp_path / "part") == records(tmp_path / "full")
@@ -101,10 +103,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(corpus, tmp_path
     run = prepare(config(corpus, "train.max_steps=16", "train.keep_last=2",
                          "train.eval_interval=100"), tmp_path / "run")
     run.trainer.fit()
-    kept = sorted(d.name for d in ckpt.step_dirs(tmp_path / "run"))
+    kept = sorted(d.name for d in checkpoint.step_dirs(tmp_path / "run"))
     assert kept == ["step-0000008", "step-0000012", "step-0000016"]  # latest + best + 2
     before = records(tmp_path / "run")
-    damaged = tmp_path / "run" / "checkpoints" / "step-0000016" / ckpt.TRAINING_FILE
+    damaged = tmp_path / "run" / "checkpoints" / "step-0000016" / checkpoint.TRAINING_FILE
     damaged.write_bytes(damaged.read_bytes()[:100])
 
     again = prepare(config(corpus, "train.max_steps=16"), tmp_path / "run", resume=True)
@@ -112,15 +114,15 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(corpus, tmp_path
     assert "step-0000016" in again.notes[0] and "truncated" in again.notes[0]
     again.trainer.fit()  # writes step 16 again over the damaged copy
     assert records(tmp_path / "run") == before
-    ckpt.verify(ckpt.checkpoint_dir(tmp_path / "run", "latest"), ckpt.MODEL_FILE,
-                ckpt.TRAINING_FILE)
+    checkpoint.verify(checkpoint.checkpoint_dir(tmp_path / "run", "latest"), checkpoint.MODEL_FILE,
+                checkpoint.TRAINING_FILE)
 
 
 class Crash(BaseException):
     """Stands in for kill -9 in the middle of writing a checkpoint."""
 
 
-CRASH_POINTS = ["_write_bytes", "_fsync_dir", "_move_into_place", "atomic_write_text"]
+CRASH_POINTS = ["write_synced", "fsync_dir", "_move_into_place", "atomic_write_text"]
 
 
 def test_a_crash_anywhere_in_a_save_leaves_a_loadable_checkpoint(corpus, tmp_path,
@@ -141,25 +143,25 @@ def test_a_crash_anywhere_in_a_save_leaves_a_loadable_checkpoint(corpus, tmp_pat
         run = prepare(config(corpus, *steps), run_dir, resume=True)
         calls: list[int] = []
         with monkeypatch.context() as m:
-            m.setattr(ckpt.shutil, "rmtree", lambda *a, **k: None)  # a crash cleans nothing
+            m.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # a crash cleans nothing
             for name in CRASH_POINTS:
-                real = getattr(ckpt, name)
+                real = getattr(checkpoint, name)
 
                 def op(*args, _real=real, _calls=calls, _at=crashed_at, **kwargs):
                     _calls.append(1)
                     if len(_calls) == _at:
-                        if _real is ckpt._write_bytes:  # half a file, then the crash
+                        if _real is fileio.write_synced:  # half a file, then the crash
                             Path(args[0]).write_bytes(args[1][: len(args[1]) // 2])
                         raise Crash
                     return _real(*args, **kwargs)
-                m.setattr(ckpt, name, op)
+                m.setattr(checkpoint, name, op)
             try:
                 run.trainer.fit()
                 break  # every write point has been crashed at once
             except Crash:
                 pass
-        ckpt.load_run(run_dir)
-        if ckpt.resume_checkpoint(run_dir)[0].name != "step-0000008":
+        load.load_run(run_dir)
+        if checkpoint.resume_checkpoint(run_dir)[0].name != "step-0000008":
             resumed = prepare(config(corpus, *steps), run_dir, resume=True)
             assert resumed.trainer.step == 4
             resumed.trainer.fit()
@@ -178,14 +180,14 @@ def test_a_full_disk_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch
         def full(path, data):
             Path(path).write_bytes(data[:10])
             raise OSError(28, "No space left on device")
-        m.setattr(ckpt, "_write_bytes", full)
+        m.setattr(checkpoint, "write_synced", full)
         run = prepare(config(corpus, "train.max_steps=8"), tmp_path / "run", resume=True)
         with pytest.raises(CheckpointError, match="No space left.*step-0000004") as e:
             run.trainer.fit()
-        assert "--resume" in e.value.hint
+        assert f"then resume {tmp_path / 'run'}" in e.value.hint
     assert [d.name for d in (tmp_path / "run" / "checkpoints").iterdir() if d.is_dir()] == \
         ["step-0000004"]  # no half-written directory left
-    assert ckpt.load_run(tmp_path / "run").state["step"] == 4
+    assert load.load_run(tmp_path / "run").state["step"] == 4
     run = prepare(config(corpus, "train.max_steps=8"), tmp_path / "run", resume=True)
     assert run.trainer.fit().step == 8
 
@@ -207,8 +209,8 @@ def test_a_nan_loss_stops_before_a_broken_model_is_saved(corpus, tmp_path):
     message = e.value.message
     assert "loss became nan by step 8" in message and "lr " in message
     assert "step-0000004" in message  # the last good checkpoint
-    assert [d.name for d in ckpt.step_dirs(tmp_path / "run")] == ["step-0000004"]
-    loaded = ckpt.load_run(tmp_path / "run")
+    assert [d.name for d in checkpoint.step_dirs(tmp_path / "run")] == ["step-0000004"]
+    loaded = load.load_run(tmp_path / "run")
     assert all(p.isfinite().all() for p in loaded.model.parameters())
 
 
@@ -218,7 +220,7 @@ def test_non_finite_weights_are_never_saved(corpus, tmp_path):
         run.trainer.model.transformer.wte.weight[3, 3] = float("inf")
     with pytest.raises(CheckpointError, match="not finite"):
         run.trainer.save()
-    assert ckpt.step_dirs(tmp_path / "run") == []
+    assert checkpoint.step_dirs(tmp_path / "run") == []
 
 
 # ---- security ---------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(where, corpus, tmp_path):
     assert (tmp_path / "live").exists()  # the payload is live: unpickling it runs code
 
     run_dir = tmp_path / "run"
-    step = ckpt.checkpoint_dir(run_dir, "latest")
+    step = checkpoint.checkpoint_dir(run_dir, "latest")
     # every file a loader might read, plus the names other tools would try
     for name in ("pytorch_model.bin", "model.pt", "ckpt.pt", "optimizer.pt"):
         (step / name).write_bytes(payload)
@@ -260,16 +262,16 @@ def test_a_planted_pickle_is_refused_and_never_runs(where, corpus, tmp_path):
         (run_dir / "tokenizer" / where).write_bytes(payload)
     else:
         (step / where).write_bytes(payload)
-        if where != ckpt.STATE_FILE:  # a crafted run updates its manifest to match
-            state = json.loads((step / ckpt.STATE_FILE).read_text())
+        if where != checkpoint.STATE_FILE:  # a crafted run updates its manifest to match
+            state = json.loads((step / checkpoint.STATE_FILE).read_text())
             state["files"][where] = {"size": len(payload),
                                      "sha256": hashlib.sha256(payload).hexdigest()}
-            (step / ckpt.STATE_FILE).write_text(json.dumps(state))
+            (step / checkpoint.STATE_FILE).write_text(json.dumps(state))
 
-    inference_reads_it = where != ckpt.TRAINING_FILE  # optimizer state: for resuming only
+    inference_reads_it = where != checkpoint.TRAINING_FILE  # optimizer state: for resuming only
     if inference_reads_it:
         with pytest.raises(MiniGPTError):
-            ckpt.load_run(run_dir)
+            load.load_run(run_dir)
     with pytest.raises(MiniGPTError):
         prepare(config(corpus, "train.max_steps=8"), run_dir, resume=True,
                 changed={"train.max_steps"}).trainer.fit()
@@ -328,18 +330,18 @@ def test_a_signal_saves_or_leaves_and_resume_is_exact(how, code, corpus, tmp_pat
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     assert runner.invoke(app, _train_args(corpus, "full", 14)).exit_code == 0
-    real_prepare = train_command.prepare
+    real_prepare = setup.prepare
 
     def send(event):
         if type(event).__name__ != "Logged" or event.step != 9:
             return
         if how == "double Ctrl-C in a save":  # the second one lands inside the next save
-            real_write = ckpt._write_bytes
+            real_write = fileio.write_synced
 
             def write_then_signal(path, data):
                 real_write(path, data)
                 os.kill(os.getpid(), signal.SIGINT)
-            monkeypatch.setattr(ckpt, "_write_bytes", write_then_signal)
+            monkeypatch.setattr(checkpoint, "write_synced", write_then_signal)
         os.kill(os.getpid(), signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
         if how == "double Ctrl-C in a step":
             os.kill(os.getpid(), signal.SIGINT)
@@ -348,7 +350,7 @@ def test_a_signal_saves_or_leaves_and_resume_is_exact(how, code, corpus, tmp_pat
         run = real_prepare(*args, **kwargs)
         run.trainer.callbacks.append(send)
         return run
-    monkeypatch.setattr(train_command, "prepare", prepare_with_signals)
+    monkeypatch.setattr(setup, "prepare", prepare_with_signals)
     stopped = runner.invoke(app, _train_args(corpus, "part", 14))
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
@@ -379,7 +381,7 @@ def _cli(cwd: Path, *args: str) -> subprocess.Popen:
 def _progress(run_dir: Path) -> int:
     """The last step in metrics.jsonl (0 before the first)."""
     try:
-        lines = (run_dir / ckpt.METRICS_FILE).read_text().splitlines()
+        lines = (run_dir / layout.METRICS_FILE).read_text().splitlines()
     except FileNotFoundError:
         return 0
     for line in reversed(lines):
@@ -445,7 +447,7 @@ def _run_with_interruptions(tmp_path: Path, plan: list[str], seed: int) -> None:
         assert code == expected, (how, target, err)
         if how != "kill -9":
             assert "minigpt train --out run --resume" in err
-        ckpt.resume_checkpoint(run_dir)  # the last good checkpoint is loadable
+        checkpoint.resume_checkpoint(run_dir)  # the last good checkpoint is loadable
     final = _cli(tmp_path, *args, "--out", "run", "--resume")
     out, err = final.communicate(timeout=300)
     assert final.returncode == 0, err

@@ -11,29 +11,43 @@ import pytest
 import torch
 
 import minigpt_tokenizers
-from minigpt_cli import sampling
+from minigpt_cli.cli.options import SETTING_FLAGS
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.errors import MiniGPTError
-from minigpt_cli.model import GPT
-from minigpt_cli.sampling import (
-    CachedLM,
-    GenerationResult,
-    Notice,
-    SampleFinished,
+from minigpt_cli.generate import cache, engine, quant
+from minigpt_cli.generate.cache import CachedLM
+from minigpt_cli.generate.decoding import (
     SamplingSettings,
-    StopFilter,
-    TextDelta,
-    TextStream,
     apply_repetition_penalty,
     apply_temperature,
-    complete,
-    generate,
     min_p_filter,
     sample_from,
     sample_next,
     top_k_filter,
     top_p_filter,
 )
+from minigpt_cli.generate.engine import (
+    Engine,
+    GenerationResult,
+    Notice,
+    SampleFinished,
+    TextDelta,
+)
+from minigpt_cli.generate.text import StopFilter, TextStream
+from minigpt_cli.model.gpt import GPT
+
+
+def generate(model, tokenizer, prompt, settings):
+    """The engine's events for ``prompt``."""
+    return Engine(model, tokenizer).generate(prompt, settings)
+
+
+def complete(model, tokenizer, prompt, settings) -> list[str]:
+    """The text of every sample, without streaming."""
+    *_, result = generate(model, tokenizer, prompt, settings)
+    assert isinstance(result, GenerationResult)
+    return [s.text for s in result.samples]
+
 
 SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR")
               or Path(__file__).resolve().parents[2] / "shared")
@@ -46,11 +60,7 @@ TRAINING_TEXT = ("héllo wörld 👋 世界 こんにちは 🎉 ok. The quick b
 TOKENIZERS = ["byte", "char", "tiktoken", "sentencepiece"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Toy models gain nothing from threads, and lose much to them on a busy machine."""
-    with sampling.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread is fastest
 
 
 def toy(vocab_size: int = 257, seed: int = 0) -> GPT:
@@ -118,7 +128,7 @@ def next_window(n: int, context: int = 32) -> int:
 def test_cached_logits_equal_full_forward_at_every_step_across_the_window(model, head):
     torch.manual_seed(1)
     lm = CachedLM(model, batch_size=2,
-                  head=sampling.DecodingHead(model, quantize=False) if head else None)
+                  head=quant.DecodingHead(model, quantize=False) if head else None)
     seq = torch.randint(0, 257, (2, 20))  # the whole sequence, kept apart from the cache
     logits, n = lm.prefill(seq), 20
     for step in range(70):  # context 32: the window slides several times
@@ -148,13 +158,44 @@ def test_small_steps_run_on_one_thread_and_restore_the_setting(model, byte_tok, 
         monkeypatch.setattr(model, "features", spy)
         run(model, byte_tok, "x" * 20, max_new_tokens=3, seed=0)
         assert torch.get_num_threads() == 2
-        with pytest.raises(KeyError), sampling.one_thread():
+        with pytest.raises(KeyError), cache.one_thread():
             assert torch.get_num_threads() == 1
             raise KeyError
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     assert seen == [(20, 2), (1, 1), (1, 1)]  # the prompt of 20 tokens keeps both threads
+
+
+def test_one_thread_blocks_in_several_threads_share_one_switch():
+    """Decoding in threads (a server): the count from before the first block comes back
+    only when the last block ends, whatever the order they end in."""
+    import threading
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inside, release = threading.Barrier(3), threading.Event()
+        seen = []
+
+        def decode(wait: float):
+            with cache.one_thread():
+                inside.wait()
+                release.wait(wait)
+                seen.append(torch.get_num_threads())
+
+        workers = [threading.Thread(target=decode, args=(w,)) for w in (0.0, 0.05)]
+        for w in workers:
+            w.start()
+        inside.wait()  # both are inside their block now
+        release.set()
+        for w in workers:
+            w.join()
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 2
+        assert cache._threads_users == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_prefill_of_one_row_is_shared_by_the_batch(model):
@@ -313,13 +354,13 @@ def test_sample_next_combines_the_filters():
 
 def test_the_penalty_sees_the_last_64_tokens_of_each_row(model, byte_tok, monkeypatch):
     seen = []
-    real = sampling.sample_next
+    real = engine.sample_next
 
     def spy(logits, settings, generator=None, recent=None):
         seen.append(recent.clone())
         return real(logits, settings, generator, recent)
 
-    monkeypatch.setattr(sampling, "sample_next", spy)
+    monkeypatch.setattr(engine, "sample_next", spy)
     prompt = byte_tok.encode("abc" * 10)  # fits the context of 32
     _, result = run(model, byte_tok, prompt, max_new_tokens=50, seed=0, num_samples=2,
                     repetition_penalty=1.5)
@@ -344,12 +385,12 @@ def test_tokens_the_tokenizer_cannot_decode_are_never_sampled(byte_tok):
     ("temperature", float("nan"), "--temperature"), ("seed", -1, "--seed"),
     ("seed", 2**64, "--seed"),
 ])
-def test_invalid_settings_name_the_flag(field, value, flag):
-    with pytest.raises(MiniGPTError) as e:
+def test_invalid_settings_name_the_setting_and_the_cli_names_its_flag(field, value, flag):
+    with pytest.raises(MiniGPTError, match=f"^{field} ") as e:
         SamplingSettings(**{field: value}).validate()
-    assert flag in e.value.message and "\n" not in e.value.message
-    with pytest.raises(MiniGPTError, match=f"^{field} "):
-        SamplingSettings(**{field: value}).validate(names={field: field})
+    assert e.value.setting == field and "\n" not in e.value.message
+    assert e.value.renamed(SETTING_FLAGS).startswith(f"{flag} ")
+    assert "--" not in e.value.message
 
 
 # ---- stopping --------------------------------------------------------------------------------
@@ -364,7 +405,7 @@ def scripted(monkeypatch):
         def fake_sample_next(logits, settings, generator=None, recent=None):
             return torch.full((logits.size(0),), next(it), dtype=torch.long)
 
-        monkeypatch.setattr(sampling, "sample_next", fake_sample_next)
+        monkeypatch.setattr(engine, "sample_next", fake_sample_next)
 
     return script
 
@@ -490,7 +531,7 @@ def test_engine_streams_text_as_soon_as_it_is_whole(name, tokenizer, monkeypatch
         sampled += 1
         return torch.full((logits.size(0),), next(script), dtype=torch.long)
 
-    monkeypatch.setattr(sampling, "sample_next", fake_sample_next)
+    monkeypatch.setattr(engine, "sample_next", fake_sample_next)
     settings = SamplingSettings(max_new_tokens=len(ids) + 5)
     for event in generate(toy(vocab_size=tokenizer.vocab_size), tokenizer, "o", settings):
         if isinstance(event, TextDelta):
@@ -523,8 +564,8 @@ def test_stream_follows_a_decoder_that_treats_the_first_token_specially(byte_tok
 
 
 def test_int8_decoding_head_is_close_to_the_exact_head(model):
-    head = sampling.DecodingHead(model, quantize=True)
-    exact = sampling.DecodingHead(model, quantize=False)
+    head = quant.DecodingHead(model, quantize=True)
+    exact = quant.DecodingHead(model, quantize=False)
     assert exact.mode == "fp32"
     x = torch.randn(3, model.config.embed_dim)
     with torch.inference_mode():

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import Config, TrainConfig
 from minigpt_cli.errors import CheckpointError, ConfigError
-from minigpt_cli.trainer import TrainingStopped, lr_at
-from minigpt_cli.training import prepare
+from minigpt_cli.run import load
+from minigpt_cli.train.setup import prepare
+from minigpt_cli.train.trainer import TrainingStopped, lr_at
 
 TOY = ["model.max_seq_length=32", "model.embed_dim=32", "model.num_heads=2",
        "model.num_layers=2", "model.ff_dim=64", "model.dropout=0.1", "train.batch_size=4",
@@ -51,7 +51,7 @@ def test_training_lowers_the_loss_and_saves(corpus, tmp_path):
     assert [m["step"] for m in vals] == [10, 20, 30, 40]
     assert all({"step", "loss", "lr", "tokens_per_sec"} <= set(m) for m in metrics(run.run_dir)
                if "loss" in m)
-    loaded = ckpt.load_run(run.run_dir)
+    loaded = load.load_run(run.run_dir)
     assert loaded.state["step"] in (10, 20, 30, 40)
     assert loaded.config.model.vocab_size == 257
     assert (run.run_dir / "config.yaml").is_file()
@@ -118,6 +118,6 @@ def test_trains_with_a_tokenizer_from_outside_the_package(corpus, tmp_path,
     run = prepare(config(corpus, "train.max_steps=3", "tokenizer.spec=reverse-byte"),
                   tmp_path / "run")
     run.trainer.fit()
-    loaded = ckpt.load_run(run.run_dir)
+    loaded = load.load_run(run.run_dir)
     assert isinstance(loaded.tokenizer, external_tokenizer)
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("héllo")) == "héllo"

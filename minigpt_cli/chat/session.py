@@ -1,76 +1,24 @@
-"""The chat REPL: a ``ChatSession`` (conversation, templates, slash commands) and the
-prompt-toolkit loop around it. Generation itself is ``minigpt_cli.sampling``.
+"""A conversation with a model: its turns, template, settings and slash commands.
 
 The session never touches a terminal: commands return lines to show and replies are
-streamed text, so tests drive it directly. ``run_repl`` is the interactive loop,
-``run_piped`` the scriptable one (one message per input line, one reply per output block).
+streamed text, so the REPL (``minigpt_cli.cli.repl``), tests and other front ends drive it
+the same way. Generation itself is ``minigpt_cli.generate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from prompt_toolkit import PromptSession
-from prompt_toolkit.application import get_app
-from prompt_toolkit.completion import Completer, Completion, PathCompleter
-from prompt_toolkit.document import Document
-from prompt_toolkit.filters import Condition
-from prompt_toolkit.history import FileHistory, InMemoryHistory
-from prompt_toolkit.key_binding import KeyBindings
-from rich.console import Console
-from rich.text import Text
-
+from minigpt_cli.chat.template import TEMPLATES, Turn
+from minigpt_cli.chat.transcript import from_json, parse_transcript, transcript
 from minigpt_cli.errors import MiniGPTError
-from minigpt_cli.sampling import Engine, GenerationResult, Notice, SamplingSettings, TextDelta
-
-HISTORY_FILE = "chat_history"
-ROLES = ("System", "User", "Assistant")
-
-
-def data_dir() -> Path:
-    """$MINIGPT_DATA_DIR, else $XDG_DATA_HOME/minigpt, else ~/.local/share/minigpt."""
-    if os.environ.get("MINIGPT_DATA_DIR"):
-        return Path(os.environ["MINIGPT_DATA_DIR"]).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "minigpt"
-
-
-# ---- conversation and templates ------------------------------------------------------------
-
-@dataclass
-class Turn:
-    user: str
-    assistant: str
-
-
-@dataclass(frozen=True)
-class Template:
-    """How turns become the text the model continues, and where its reply ends."""
-
-    name: str
-    stops: tuple[str, ...]
-
-    def render(self, system: str, turns: list[Turn], message: str) -> str:
-        if self.name == "chat":
-            head = f"System: {system}\n" if system else ""
-            body = "".join(f"User: {t.user}\nAssistant: {t.assistant.strip()}\n" for t in turns)
-            return f"{head}{body}User: {message}\nAssistant:"
-        # plain: the text itself; the model continues the user's message where it ends
-        head = f"{system}\n" if system else ""
-        return head + "".join(f"{t.user}{t.assistant.rstrip()}\n" for t in turns) + message
-
-
-TEMPLATES = {
-    "plain": Template("plain", stops=("\n\n",)),
-    "chat": Template("chat", stops=("\nUser:", "\nAssistant:", "\nSystem:", "\n\n")),
-}
-
+from minigpt_cli.generate.decoding import SamplingSettings
+from minigpt_cli.generate.engine import Engine, GenerationResult, Notice, TextDelta
 
 # ---- slash commands --------------------------------------------------------------------------
 
@@ -296,7 +244,7 @@ class ChatSession:
             reason = getattr(e, "strerror", None) or "not UTF-8 text"
             return _fail(f"cannot read {path}: {reason}")
         try:
-            saved = (_from_json(text) if path.suffix.lower() == ".json"
+            saved = (from_json(text) if path.suffix.lower() == ".json"
                      else parse_transcript(text))
         except ValueError as e:
             return _fail(f"{path} is not a saved conversation: {e}")
@@ -316,230 +264,7 @@ class ChatSession:
 
 def _problem(settings: SamplingSettings) -> str | None:
     try:
-        settings.validate(names=NAMES)
-    except MiniGPTError as e:  # names the /set key
-        return e.message
+        settings.validate()
+    except MiniGPTError as e:
+        return e.renamed(NAMES)  # by its /set key
     return None
-
-
-class Saved(NamedTuple):
-    """A conversation read back from a file."""
-
-    system: str
-    turns: list[Turn]
-    template: str | None  # None when the file does not say (e.g. written by hand)
-
-
-def transcript(system: str, turns: list[Turn], template: str | None = None,
-               model: str = "") -> str:
-    """The conversation as text: ``# key: value`` header lines, then role-marked messages."""
-    header = ["# minigpt chat transcript"]
-    if template:
-        header.append(f"# template: {template}")
-    if model:
-        header.append(f"# model: {model}")
-    lines = ["\n".join(header) + "\n"]
-    if system:
-        lines.append(f"System: {system}\n")
-    for t in turns:
-        lines.append(f"User: {t.user}\nAssistant: {t.assistant.strip()}\n")
-    return "\n".join(lines)
-
-
-def parse_transcript(text: str) -> Saved:
-    """Read back ``transcript``: a line starting with a role marker opens a message;
-    ``# key: value`` lines before the first message are the header."""
-    messages: list[list] = []
-    header: dict[str, str] = {}
-    for line in text.splitlines():
-        role = next((r for r in ROLES if line.startswith(f"{r}:")), None)
-        if role:
-            messages.append([role, line[len(role) + 1:].removeprefix(" ")])
-        elif messages:
-            messages[-1][1] += "\n" + line
-        elif line.startswith("#"):
-            key, sep, value = line[1:].partition(":")
-            if sep:
-                header[key.strip().lower()] = value.strip()
-        elif line.strip():
-            raise ValueError("expected lines starting with System:, User: or Assistant:")
-    system, turns = "", []
-    for role, body in messages:
-        body = body.strip()
-        if role == "System":
-            system = body
-        elif role == "User":
-            turns.append(Turn(body, ""))
-        elif turns and not turns[-1].assistant:
-            turns[-1].assistant = body
-        else:
-            raise ValueError("an Assistant: message without a User: message before it")
-    return Saved(system, turns, header.get("template") or None)
-
-
-def _from_json(text: str) -> Saved:
-    try:
-        raw = json.loads(text)
-        system = raw.get("system") or ""
-        turns = [Turn(str(t["user"]), str(t["assistant"])) for t in raw["turns"]]
-        template = raw.get("template")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError("expected JSON with 'turns' of 'user' and 'assistant'") from e
-    return Saved(str(system), turns, str(template) if template else None)
-
-
-# ---- terminal I/O --------------------------------------------------------------------------
-
-def _note(console: Console, line: str, ok: bool = True) -> None:
-    console.print(Text(line, style="dim" if ok else "yellow"), soft_wrap=True)
-
-
-def _show_result(console: Console, result: CommandResult) -> None:
-    for line in result.lines:
-        _note(console, line, result.ok)
-    for line in result.warnings:
-        _note(console, line, ok=False)
-
-
-def _show_reply(session: ChatSession, message: str, console: Console, safe) -> None:
-    pieces = session.respond(message)
-    shown = False
-    try:
-        for piece in pieces:
-            if isinstance(piece, Notice):
-                _note(console, piece.message, ok=False)
-            else:
-                console.out(safe(piece), end="")
-                shown = True
-        if shown:
-            console.out("")
-        else:  # e.g. the model went straight to the next "User:"
-            _note(console, "(empty reply)")
-        if session.show_stats:
-            _note(console, session.stats_text())
-    except KeyboardInterrupt:
-        pieces.close()
-        console.out("")
-        _note(console, "(reply stopped)")
-
-
-def _open_block(text: str) -> bool:
-    """Whether ``text`` opens a triple-quoted message that is not closed yet."""
-    text = text.strip()
-    return text.startswith('"""') and not text.endswith('"""', 3)
-
-
-def _unquote(text: str) -> str:
-    """The message inside a triple-quoted block (closed or, at end of input, not)."""
-    body = text.strip()[3:]
-    return body.removesuffix('"""').strip("\n")
-
-
-class SlashCompleter(Completer):
-    """Tab completion for slash commands, /set keys, /stats values and /save, /load paths."""
-
-    def __init__(self) -> None:
-        self.paths = PathCompleter(expanduser=True)
-
-    def get_completions(self, document: Document, complete_event):
-        text = document.text_before_cursor.lstrip()
-        if not text.startswith("/"):
-            return
-        if " " not in text:
-            yield from _matches(text, COMMANDS)
-            return
-        command, _, rest = text.partition(" ")
-        rest = rest.lstrip()
-        if command in ("/save", "/load"):
-            yield from self.paths.get_completions(Document(rest), complete_event)
-        elif command == "/set" and " " not in rest:
-            yield from _matches(rest, SETTABLE)
-        elif command == "/stats":
-            yield from _matches(rest, ("on", "off"))
-
-
-def _matches(word: str, options: Iterable[str]) -> Iterator[Completion]:
-    for option in options:
-        if option.startswith(word.lower()):
-            yield Completion(option, start_position=-len(word))
-
-
-def _history(path: Path | None, console: Console):
-    if path is None:
-        return InMemoryHistory()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    except OSError as e:
-        _note(console, f"input history not saved: cannot write {path} ({e.strerror or e})",
-              ok=False)
-        return InMemoryHistory()
-    return FileHistory(str(path))
-
-
-def run_repl(session: ChatSession, console: Console, *, history_path: Path | None = None,
-             input=None, output=None, safe=lambda s: s) -> int:
-    """The interactive loop. ``input``/``output`` are prompt-toolkit's (tests pass pipes)."""
-    keys = KeyBindings()
-
-    @keys.add("escape", "enter")
-    def _newline(event) -> None:
-        event.current_buffer.insert_text("\n")
-
-    @keys.add("enter", filter=Condition(lambda: _open_block(get_app().current_buffer.text)))
-    def _block_line(event) -> None:  # inside a """ block Enter adds a line: one message,
-        event.current_buffer.insert_text("\n")  # one history entry, editable as a whole
-
-    prompt_session = PromptSession(history=_history(history_path, console),
-                                   completer=SlashCompleter(), key_bindings=keys,
-                                   prompt_continuation="... ", input=input, output=output)
-    _note(console, f"minigpt chat · {session.model_label} · template {session.template.name}"
-                   " · /help for commands, Ctrl-D to leave")
-    while True:
-        label = "you> " if session.template.name == "chat" else "> "  # /load may change it
-        try:
-            text = prompt_session.prompt(label)
-        except KeyboardInterrupt:  # clears the line
-            continue
-        except EOFError:
-            return 0
-        if text.strip().startswith('"""'):
-            text = _unquote(text)
-        if session.is_command(text):
-            try:
-                result = session.handle_command(text)
-            except KeyboardInterrupt:
-                _note(console, "(interrupted)")
-                continue
-            _show_result(console, result)
-            if result.quit:
-                return 0
-        elif text.strip():
-            _show_reply(session, text, console, safe)
-
-
-def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
-              err: Console) -> int:
-    """One message per input line. Each reply is printed literally, without surrounding
-    whitespace; replies are separated by a blank line (no reply contains one: both
-    templates stop there). Slash commands work and report on ``err``."""
-    replies = 0
-    for line in lines:
-        message = line.rstrip("\r\n")
-        if not message.strip():
-            continue
-        if session.is_command(message):
-            result = session.handle_command(message)
-            _show_result(err, result)
-            if result.quit:
-                break
-            continue
-        parts = []
-        for piece in session.respond(message):
-            if isinstance(piece, Notice):
-                _note(err, piece.message, ok=False)
-            else:
-                parts.append(piece)
-        out.out(("\n" if replies else "") + "".join(parts).strip())
-        replies += 1
-    return 0

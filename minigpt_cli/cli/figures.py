@@ -60,7 +60,7 @@ def _escape(label: str) -> str:
 def training_figure(history: dict[str, Any], path: Path, title: str) -> Path:
     """Loss (training and validation), learning rate and tokens/s over steps, as a PNG.
 
-    ``history`` is :meth:`minigpt_cli.history.History.to_dict`'s ``train`` and ``val``.
+    ``history`` is :meth:`minigpt_cli.run.history.History.to_dict`'s ``train`` and ``val``.
     """
     fig = _new_figure(RUN_FIGSIZE)
     grid = fig.add_gridspec(2, 2, height_ratios=(3, 2))

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from minigpt_cli.trainer import Event, Finished, Logged, Saved, Started, Validated
-from minigpt_cli.ui import human_count, human_duration
+from minigpt_cli.cli.ui import err_console, human_count, human_duration
+from minigpt_cli.train.events import Event, Finished, Logged, Saved, Started, Validated
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TrainingView:
@@ -132,6 +136,8 @@ class TrainingView:
 def _peak_memory(device: torch.device) -> str:
     """The GPU's peak allocation, or the process's peak resident memory on the CPU."""
     if device.type == "cuda":
+        import torch
+
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     try:
         import resource
@@ -143,17 +149,34 @@ def _peak_memory(device: torch.device) -> str:
 
 
 class DataProgress:
-    """Shows tokenizer training and tokenization; transient on a terminal."""
+    """Shows tokenizer training and tokenization; transient on a terminal.
 
-    def __init__(self, console: Console):
+    Use it as a context manager (it closes itself); ``DataProgress.on_terminal()`` is one
+    that shows nothing unless stderr is a terminal.
+    """
+
+    def __init__(self, console: Console | None, enabled: bool = True):
         self.console = console
-        self.stage = None
+        self.enabled = enabled and console is not None
+        self.current = None
         self._progress: Progress | None = None
         self._task = None
 
+    @classmethod
+    def on_terminal(cls, enabled: bool = True) -> DataProgress:
+        return cls(err_console, enabled and err_console.is_terminal)
+
+    def __enter__(self) -> DataProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage:
-            self.stage = stage
+        if not self.enabled:
+            return
+        if stage != self.current:
+            self.current = stage
             if self.console.is_terminal:
                 if self._progress is None:
                     self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -165,6 +188,12 @@ class DataProgress:
                 self.console.print(f"{stage}...")
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, total=total or None)
+
+    def for_stage(self, name: str) -> Callable[[int, int], None] | None:
+        """A ``(done, total)`` callback for one stage, or None when nothing is shown."""
+        if not self.enabled:
+            return None
+        return lambda done, total: self(name, done, total)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from minigpt_cli.cli.options import SETTING_FLAGS
 from minigpt_cli.errors import MiniGPTError
-from minigpt_tokenizers import TokenizerError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -41,9 +41,9 @@ def guarded(fn: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (MiniGPTError, TokenizerError) as e:
-            error_line(e.message, e.hint)
-            raise typer.Exit(getattr(e, "exit_code", 1)) from None
+        except MiniGPTError as e:  # a setting is named by the flag that sets it
+            error_line(e.renamed(SETTING_FLAGS), e.hint)
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted.[/]")
             raise typer.Exit(130) from None

@@ -45,7 +45,7 @@ class WindowSampler:
         return out
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return windows(self.tokens, self.next_starts(batch_size), self.seq_len)
+        return batch_at(self.tokens, self.next_starts(batch_size), self.seq_len)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "n_windows": self.n_windows}
@@ -54,7 +54,7 @@ class WindowSampler:
         self.consumed = int(state["consumed"])
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int
+def batch_at(tokens: np.ndarray, starts: np.ndarray, seq_len: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets, (B, T) int64 each, for windows starting at ``starts``."""
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]

@@ -1,4 +1,4 @@
-"""Hugging Face datasets as a :class:`~minigpt_cli.data.DataSource`.
+"""Hugging Face datasets as a :class:`~minigpt_cli.data.source.DataSource`.
 
 ``datasets`` is imported only here, and only when such a source is resolved (it is slow to
 import). The text column is ``text`` when the dataset has one, else its first string
@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
-from minigpt_cli.data import CHUNK_BYTES, OFFLINE_HINT, SPLITS, DataSource
+from minigpt_cli.data.source import CHUNK_BYTES, SPLITS, DataSource
 from minigpt_cli.errors import DataError
 
+OFFLINE_HINT = ("check the network, or use a local text file or folder, or the built-in "
+                "stdlib-docs corpus")
 VAL_NAMES = ("validation", "valid", "val", "dev")
 ROWS_PER_READ = 1000
 JOIN_VERSION = 1
@@ -127,17 +129,20 @@ def text_column(ds: Any, name: str) -> str:
 
 
 def load(path: str, config: str | None, name: str) -> Any:
-    """``datasets.load_dataset(path, config)`` with its failures turned into DataErrors."""
-    if "datasets" not in sys.modules and not _hub_reachable():
-        # Offline: let `datasets` use its local cache at once instead of retrying for ~25 s.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """``datasets.load_dataset(path, config)`` with its failures turned into DataErrors.
+
+    With no route to the Hub, the call runs in offline mode, so that ``datasets`` answers
+    from its local cache at once instead of retrying for about 25 s. The mode is switched
+    for this call only and put back afterwards; the environment is left alone.
+    """
     try:
         import datasets
     except ImportError as e:
         raise DataError("the 'datasets' package is needed for Hugging Face datasets",
                         "pip install datasets, or use a local text file") from e
     try:
-        dsd = datasets.load_dataset(path, config)
+        with _offline(not datasets.config.HF_HUB_OFFLINE and not _hub_reachable()):
+            dsd = datasets.load_dataset(path, config)
     except Exception as e:
         raise _classify(e, name) from e
     if not hasattr(dsd, "keys"):
@@ -145,6 +150,26 @@ def load(path: str, config: str | None, name: str) -> Any:
     if not len(dsd):
         raise DataError(f"{name} has no splits")
     return dsd
+
+
+@contextmanager
+def _offline(enabled: bool) -> Iterator[None]:
+    """Hugging Face's offline mode (``HF_HUB_OFFLINE``) for the duration of the block."""
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    modules = (datasets.config, huggingface_hub.constants)
+    saved = [m.HF_HUB_OFFLINE for m in modules]
+    for m in modules:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved, strict=True):
+            m.HF_HUB_OFFLINE = value
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from minigpt_cli.data import DataSource, token_cache
+from minigpt_cli.data.source import DataSource
+from minigpt_cli.data.token_cache import token_cache
 
 UNITS = ("document", "line")
 LENGTH_SAMPLE_BYTES = 64 << 20  # lengths are measured over at most this much of a split

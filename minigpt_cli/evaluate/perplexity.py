@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt_cli.checkpoint import atomic_write_text
 from minigpt_cli.device import Precision
 from minigpt_cli.errors import MiniGPTError
+from minigpt_cli.fileio import atomic_write_text
+from minigpt_cli.run.layout import EVAL_FILE
 
-EVAL_FILE = "eval.json"
 SYNC_EVERY = 32  # batches between reading the running loss back from the device
 
 Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
@@ -100,7 +100,7 @@ class Window:
     scored: int
 
 
-def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> Iterator[Window]:
+def scoring_windows(num_tokens: int, seq_len: int, stride: int | None = None) -> Iterator[Window]:
     """The evaluation windows over a stream of ``num_tokens`` tokens.
 
     The targets of all windows' scored parts are positions 1 .. num_tokens-1, each once.
@@ -117,16 +117,11 @@ def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> Iterato
         start += stride
 
 
-def text_stats(text: str) -> tuple[int, int]:
-    """UTF-8 bytes and whitespace-separated words of a text."""
-    return len(text.encode("utf-8")), len(text.split())
-
-
 def check_stride(stride: int | None, seq_len: int) -> None:
     if stride is not None and not 1 <= stride <= seq_len:
-        raise MiniGPTError(f"--stride must be between 1 and the model's context ({seq_len}), "
+        raise MiniGPTError(f"stride must be between 1 and the model's context ({seq_len}), "
                            f"got {stride}",
-                           "a stride of half the context is a common choice")
+                           "a stride of half the context is a common choice", setting="stride")
 
 
 def _as_numpy(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -149,7 +144,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, seq_len:
     device = torch.device(device)
     check_stride(stride, seq_len)
     if batch_size < 1:
-        raise MiniGPTError(f"--batch-size must be positive, got {batch_size}")
+        raise MiniGPTError(f"batch_size must be positive, got {batch_size}",
+                           setting="batch_size")
     stream = _as_numpy(tokens)
     n = int(stream.shape[0])
     if n < 2:
@@ -170,7 +166,7 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, seq_len:
     if progress:
         progress(0, total_targets)
     try:
-        for batch in _batches(windows(n, seq_len, stride), batch_size):
+        for batch in _batches(scoring_windows(n, seq_len, stride), batch_size):
             idx, targets = _tensors(stream, batch)
             with precision.autocast(device):
                 _, loss = model(idx.to(device, non_blocking=True),

@@ -12,7 +12,7 @@ import time
 import torch
 
 from minigpt_cli.device import Precision
-from minigpt_cli.model import GPT
+from minigpt_cli.model.gpt import GPT
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s: (bf16/fp16, tf32). Names are matched
 # as substrings of torch.cuda.get_device_name(), most specific first.

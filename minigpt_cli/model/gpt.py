@@ -1,8 +1,9 @@
 """The GPT: pre-LN transformer blocks, learned positions, tied embeddings.
 
 Written bottom-up in nanoGPT's spirit, with GPT-2's parameter names so weights map one to
-one onto GPT-2 checkpoints. Shapes use B (batch), T (time), C (embed_dim), H (heads),
-D (head_dim), V (vocab). No I/O and no printing here.
+one onto GPT-2 checkpoints. The fast paths it calls (CPU dropout, written-out attention,
+the chunked head loss) live in ``kernels.py``. Shapes use B (batch), T (time),
+C (embed_dim), H (heads), D (head_dim), V (vocab). No I/O and no printing here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 from minigpt_cli.config import ModelConfig
+from minigpt_cli.model.kernels import Dropout, attention, head_cross_entropy
 
 
 @dataclass
@@ -42,33 +43,6 @@ class KVCache:
         self.length = 0
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout``, with the CPU's mask drawn from 64-bit random words, 16 bits per element.
-
-    On the CPU, ``F.dropout`` draws one Bernoulli sample per element, which costs about as
-    much as the matmuls of a small model. Four elements per 64-bit draw is 8x faster. The
-    drop probability is ``p`` rounded to a multiple of 1/65536, and the kept values are
-    scaled by exactly the inverse of the keep probability. Elsewhere: ``F.dropout``.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    cut = round(p * 65536)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-    words.random_(-2**63, None)  # all 64 bits (a bare random_() leaves the sign bit 0)
-    bits = words.view(torch.int16)[:x.numel()].view(x.shape)
-    mask = (bits >= cut - 32768).to(x.dtype).mul_(65536 / (65536 - cut))
-    return x * mask
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` through the fast CPU ``dropout`` above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -78,14 +52,16 @@ class CausalSelfAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``x`` (B, T, C), each (B, H, T, D)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        return tuple(t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
                 start: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, H, T, D)
-        q = q.view(B, T, self.num_heads, -1).transpose(1, 2)
-        k = k.view(B, T, self.num_heads, -1).transpose(1, 2)
-        v = v.view(B, T, self.num_heads, -1).transpose(1, 2)
+        q, k, v = self.qkv(x)
         mask, causal = None, True
         if cache is not None:
             cache.k[:B, :, start:start + T] = k
@@ -95,28 +71,18 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 if T > 1:  # new queries see all cached keys plus their own past
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        if self.training and x.device.type == "cpu" and (
-                self.dropout > 0.0 or q.dtype != torch.float32):
-            y = self._explicit_attention(q, k, v, mask, causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=causal and mask is None)
+        y = attention(q, k, v, mask, causal, self.dropout, self.training)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-
-    def _explicit_attention(self, q, k, v, mask, causal):
-        """SDPA's math path, written out: what CPU training uses with dropout (SDPA would
-        take this path too, with a slower mask) or in bf16 (where the fused CPU kernel's
-        backward is 3-4x slower than this at these sizes)."""
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-        if mask is None and causal:
-            mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
-        att = dropout(torch.softmax(att, dim=-1), self.dropout)
-        return att @ v
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights (B, H, T, T) that ``forward`` applies to the values: row i
+        of a head says how much query i attends to each key j <= i (it sums to one)."""
+        q, k, _ = self.qkv(x)
+        T = q.size(-2)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
 class MLP(nn.Module):
@@ -144,87 +110,9 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, start)
         return x + self.mlp(self.ln_2(x))
 
-
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of ``h @ w.T`` against ``targets``, chunk by chunk.
-
-    The full fp32 logits never exist. A chunk of rows gets its logits in the matmul dtype,
-    a tile of rows at a time, and while a tile is still in the CPU's cache the softmax runs
-    over it a few rows (a block) at a time and overwrites the logits with the gradient,
-    softmax minus one-hot. Two matmuls per chunk then give the gradients for ``h`` and
-    ``w``: they are computed here, in the forward pass, and handed out in ``backward``.
-    """
-
-    @staticmethod
-    def forward(ctx, h, w, targets, dtype, chunk, tile, block, need_grad):
-        w_c = w.to(dtype)
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_wt = None  # (C, V): h_c.T @ g is much faster than g.T @ h_c
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        logits = torch.empty(min(chunk, h.size(0)), w.size(0), dtype=dtype, device=h.device)
-        tiny = torch.finfo(torch.float32).tiny
-        for i in range(0, h.size(0), chunk):
-            h_c = h[i:i + chunk].to(dtype)
-            n = h_c.size(0)
-            g = logits[:n]
-            weight = (targets[i:i + n] != -1).unsqueeze(1).to(torch.float32)
-            safe_t = targets[i:i + n].clamp(min=0).unsqueeze(1)
-            for j in range(0, n, tile):
-                torch.mm(h_c[j:j + tile], w_c.t(), out=g[j:j + tile])
-                for k in range(j, min(j + tile, n), block):
-                    rows = slice(k, min(k + block, j + tile))
-                    probs = torch.softmax(g[rows].float(), dim=-1)
-                    p_target = probs.gather(1, safe_t[rows]).clamp(min=tiny)
-                    total -= (p_target.log() * weight[rows]).sum()
-                    if need_grad:
-                        probs.scatter_add_(1, safe_t[rows], -weight[rows])  # softmax - one-hot
-                        g[rows].copy_(probs.mul_(weight[rows]))  # ignored rows: no gradient
-            if need_grad:
-                grad_h[i:i + n] = (g @ w_c).to(h.dtype)
-                part = h_c.t() @ g
-                grad_wt = part if grad_wt is None else grad_wt.float().add_(part)
-        ctx.save_for_backward(grad_h, grad_wt)
-        ctx.w_dtype = w.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_wt = ctx.saved_tensors
-        # (V, C) in w's own layout: a transposed gradient makes every later add slow
-        grad_w = torch.empty(grad_wt.shape[::-1], dtype=ctx.w_dtype, device=grad_wt.device)
-        grad_w.copy_(grad_wt.t()).mul_(grad_out)
-        return grad_h * grad_out, grad_w, None, None, None, None, None, None
-
-
-def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
-                       reduction: str = "mean", chunk: int | None = None,
-                       tile: int | None = None, block: int | None = None) -> torch.Tensor:
-    """``F.cross_entropy(h @ w.T, targets, ignore_index=-1)`` without the full fp32 logits.
-
-    Under autocast the matmuls run in the autocast dtype; the softmax is always fp32.
-    Sizes in rows: ``chunk`` rows share the gradient matmuls (by default up to 128M
-    logits on the CPU, all rows of a typical batch; 32M on a GPU, where the whole chunk's
-    fp32 softmax exists at once). On the CPU the logits are made ``tile`` rows at a time
-    (about 8M logits, which fit in a large L3 cache) and the softmax takes ``block`` rows at
-    a time (about 1M logits, for L2). On a GPU, tile and block default to the chunk.
-    """
-    V = w.size(0)
-    on_cpu = h.device.type == "cpu"
-    chunk = chunk or max(256, (1 << (27 if on_cpu else 25)) // V)
-    tile = tile or (max(1, (1 << 23) // V) if on_cpu else chunk)
-    block = block or (max(1, (1 << 20) // V) if on_cpu else tile)
-    dtype = (torch.get_autocast_dtype(h.device.type)
-             if torch.is_autocast_enabled(h.device.type) else h.dtype)
-    # not ctx.needs_input_grad, which is true under no_grad too: validation would pay for
-    # the two gradient matmuls
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
-    with torch.autocast(h.device.type, enabled=False):
-        total = _ChunkedHeadLoss.apply(h, w, targets, dtype, chunk, tile, block, need_grad)
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / (targets != -1).sum().clamp(min=1)
-    raise ValueError(f"unsupported reduction {reduction!r}")
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """What this block's attention does with its input ``x`` (B, T, C): (B, H, T, T)."""
+        return self.attn.weights(self.ln_1(x))
 
 
 class GPT(nn.Module):
@@ -281,37 +169,55 @@ class GPT(nn.Module):
             w.device.type) else w.dtype
         return KVCache(self.config, batch_size, w.device, dtype)
 
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token plus position embeddings (B, T, C) of ``idx`` (B, T), whose first token
+        sits at position ``start``."""
+        T = idx.size(1)
+        assert start + T <= self.config.max_seq_length, (
+            f"sequence of {start + T} exceeds context {self.config.max_seq_length}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
     def features(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final hidden states (B, T, C) that the head turns into logits.
 
         With ``cache``, ``idx`` continues the cached sequence and the cache is extended.
         """
-        B, T = idx.shape
         start = cache.length if cache is not None else 0
-        assert start + T <= self.config.max_seq_length, (
-            f"sequence of {start + T} exceeds context {self.config.max_seq_length}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.embed(idx, start)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
-            cache.length = start + T
+            cache.length = start + idx.size(1)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, reduction: str = "mean"):
-        """Logits for every position of ``idx`` (B, T) and, given targets, the loss.
+        """``(logits, None)`` for ``idx`` (B, T), or ``(None, loss)`` given ``targets``.
 
-        With ``cache``, ``idx`` continues the cached sequence. Targets equal to -1 are ignored.
+        Without targets: the logits (B, T, V) of every position. With targets (B, T), ids
+        of the next tokens with -1 where a position is not scored: the cross-entropy,
+        averaged over the scored positions (``reduction="mean"``) or summed ("sum"), and no
+        logits. The (B*T, V) logits are by far the largest tensor of a training step, so
+        the loss is computed from the hidden states a chunk at a time
+        (``kernels.head_cross_entropy``) and the full logits never exist.
+        With ``cache``, ``idx`` continues the cached sequence.
         """
         x = self.features(idx, cache)
         if targets is None:
             return self.lm_head(x), None  # (B, T, V)
-        # The (B*T, V) logits are the largest tensor by far: compute the loss chunk by chunk
-        # instead, and return no logits.
         loss = self._head_loss(x.reshape(-1, x.size(-1)), self.lm_head.weight,
                                targets.reshape(-1), reduction)
         return None, loss
+
+    @torch.no_grad()
+    def attention_weights(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
+        """Every head's attention weights (B, H, T, T) in ``layer`` for ``idx`` (B, T)."""
+        assert 0 <= layer < self.config.num_layers, f"no layer {layer}"
+        x = self.embed(idx)
+        for block in self.transformer.h[:layer]:
+            x = block(x)
+        return self.transformer.h[layer].attention_weights(x)
 
     def compile_for_training(self) -> nn.Module:
         """This model under ``torch.compile``, sharing its weights. The chunked head loss

@@ -1,16 +1,7 @@
-"""Run directories and checkpoints: the one place that reads or writes model files.
+"""Checkpoints: the one place that writes or reads model and training tensors.
 
-A run directory describes itself::
-
-    config.yaml                 the resolved config (vocab size included)
-    tokenizer/                  the tokenizer's files and tokenizer.json (its spec)
-    metrics.jsonl               one JSON object per logged step or validation
-    checkpoints/step-0000500/   model.safetensors, training.safetensors, state.json
-    checkpoints/latest.json     which step directory is the latest
-    checkpoints/best.json       which step directory has the best validation loss
-
-Weights and optimizer tensors are safetensors, everything else JSON or YAML: loading
-never unpickles anything, and never follows a path or a link out of the run directory.
+Weights and optimizer tensors are safetensors, everything else JSON: loading never
+unpickles anything, and never follows a path or a link out of the run directory.
 
 A checkpoint is written file by file (each fsynced) into a temporary directory; its
 manifest, ``state.json``, goes last and records the size and sha256 of the other files.
@@ -30,7 +21,6 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +29,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-import minigpt_tokenizers
-from minigpt_cli.config import Config
-from minigpt_cli.errors import CheckpointError, ConfigError
-from minigpt_cli.fileio import atomic_write, fsync_dir
-from minigpt_cli.model import GPT
+from minigpt_cli.errors import CheckpointError
+from minigpt_cli.fileio import DIR_MODE, atomic_write_text, fsync_dir, write_synced
+from minigpt_cli.model.gpt import GPT
+from minigpt_cli.run.layout import CKPT_DIR, inside
 
-CONFIG_FILE = "config.yaml"
-TOKENIZER_DIR = "tokenizer"
-METRICS_FILE = "metrics.jsonl"
-CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 TRAINING_FILE = "training.safetensors"
 STATE_FILE = "state.json"  # written last: the manifest of the step directory
@@ -57,124 +42,12 @@ _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 _LEFTOVER = (".tmp-", ".old-")  # prefixes of directories a crash may leave behind
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
-# tempfile makes private (0600/0700) files; run files get the usual permissions instead
-_UMASK = _read_umask()
-_FILE_MODE, _DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
-
-
-# ---- atomic file helpers -----------------------------------------------------------------
-
-_fsync_dir = fsync_dir
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file, fsync and rename, so readers see old or new, never half."""
-    atomic_write(path, text.encode("utf-8"), mode=_FILE_MODE)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def _inside(root: Path, path: Path) -> Path:
-    """``path``, unless it (or a link on the way) leads out of ``root``."""
-    real_root, real = root.resolve(), path.resolve()
-    if real != real_root and real_root not in real.parents:
-        raise CheckpointError(f"{path} points outside {root}",
-                              "a run directory must hold its own files; remove the link")
-    return path
-
-
-# ---- run directories ---------------------------------------------------------------------
-
-def check_new_run_dir(run_dir: Path) -> None:
-    """Fail early, before any work, when ``run_dir`` cannot become a new run directory."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"--out {run_dir} is a file, not a directory",
-                              "choose another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise CheckpointError(f"{run_dir} already exists and is not empty",
-                              "pass --resume to continue it, or choose another --out")
-    parent = run_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot create {run_dir}: {parent} is not a writable directory",
-                              "choose a writable --out directory")
-
-
-def create_run_dir(run_dir: Path) -> Path:
-    """Make a new, empty run directory; an existing run is never overwritten."""
-    check_new_run_dir(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"cannot write to {run_dir}: {e.strerror or e}",
-                              "choose a writable --out directory") from e
-    return run_dir
-
-
-def write_run_files(run_dir: Path, config: Config, tokenizer) -> None:
-    try:
-        atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
-        tokenizer.save(run_dir / TOKENIZER_DIR)
-    except OSError as e:
-        raise CheckpointError(f"cannot write to {run_dir}: {e.strerror or e}",
-                              "choose a writable --out directory with free space") from e
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / CKPT_DIR).is_dir()
-
-
-def find_latest_run(root: Path = Path("runs")) -> Path:
-    """The run under ``root`` whose latest checkpoint is the newest."""
-    candidates = []
-    if root.is_dir():
-        for d in root.iterdir():
-            pointer = d / CKPT_DIR / "latest.json"
-            if pointer.is_file():
-                candidates.append((pointer.stat().st_mtime, d))
-    if not candidates:
-        raise CheckpointError(f"no trained run found under {root}/",
-                              "train one with 'minigpt train --preset tiny' or pass --model DIR")
-    return max(candidates)[1]
-
-
-def load_config(run_dir: Path) -> Config:
-    try:
-        return Config.from_file(_inside(run_dir, run_dir / CONFIG_FILE)).validate()
-    except ConfigError as e:
-        raise CheckpointError(f"{run_dir} has an unusable config: {e}") from e
-
-
-def load_tokenizer(run_dir: Path):
-    """The run's tokenizer; ``minigpt_tokenizers.load`` keeps its files inside the folder."""
-    try:
-        return minigpt_tokenizers.load(_inside(run_dir, run_dir / TOKENIZER_DIR))
-    except minigpt_tokenizers.TokenizerError as e:
-        raise CheckpointError(e.message, "put back the tokenizer/ folder the run was "
-                              "trained with") from e
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -192,11 +65,11 @@ def _pointer(run_dir: Path, which: str) -> Path | None:
         name = json.loads(path.read_text())["dir"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is corrupt",
-                              "delete it; --resume then uses the newest intact checkpoint") from e
+                              "delete it; resuming then uses the newest intact checkpoint") from e
     if not isinstance(name, str) or _step_of(name) is None:  # no path traversal
         raise CheckpointError(f"{path} points outside the run directory",
-                              "delete it; --resume then uses the newest intact checkpoint")
-    return _inside(run_dir, run_dir / CKPT_DIR / name)
+                              "delete it; resuming then uses the newest intact checkpoint")
+    return inside(run_dir, run_dir / CKPT_DIR / name)
 
 
 def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
@@ -204,7 +77,7 @@ def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
     path = _pointer(run_dir, which) or (_pointer(run_dir, "latest") if which == "best" else None)
     if path is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet",
-                              "train it first (minigpt train --out DIR)")
+                              "train it first")
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (no {STATE_FILE})")
     return path
@@ -257,7 +130,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict[str, Any],
     try:
         ckpts.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=ckpts, prefix=_LEFTOVER[0]))
-        tmp.chmod(_DIR_MODE)
+        tmp.chmod(DIR_MODE)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                    if k not in TIED_KEYS}
         if not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
@@ -268,21 +141,21 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict[str, Any],
         files = {}
         for name, tensors in ((MODEL_FILE, weights), (TRAINING_FILE, training)):
             data = safetensors_bytes(tensors)
-            _write_bytes(tmp / name, data)
+            write_synced(tmp / name, data)
             files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             del data
         manifest = json.dumps({"step": step, **state, "files": files}, indent=1)
-        _write_bytes(tmp / STATE_FILE, manifest.encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / STATE_FILE, manifest.encode())
+        fsync_dir(tmp)
         _move_into_place(tmp, final)
         tmp = None
-        _fsync_dir(ckpts)
+        fsync_dir(ckpts)
         pointer = json.dumps({"dir": final.name, "step": step})
         atomic_write_text(ckpts / "latest.json", pointer)
         if best:
             atomic_write_text(ckpts / "best.json", pointer)
     except OSError as e:
-        then = (f"continue with: minigpt train --out {run_dir} --resume" if step_dirs(run_dir)
+        then = (f"resume {run_dir}" if step_dirs(run_dir)
                 else f"remove {run_dir} and train again")
         raise CheckpointError(
             f"could not save the checkpoint of step {step} in {ckpts}: {e.strerror or e}; "
@@ -336,7 +209,7 @@ def _prune(run_dir: Path, keep_last: int = 0) -> None:
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     """A checkpoint's ``state.json``: its step, training state and manifest."""
-    path = _inside(ckpt.parent.parent, ckpt / STATE_FILE)
+    path = inside(ckpt.parent.parent, ckpt / STATE_FILE)
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -356,7 +229,7 @@ def verify(ckpt: Path, *names: str) -> dict[str, Any]:
     """Check files of a checkpoint against its manifest; return the state."""
     state = read_state(ckpt)
     for name in names:
-        path = _inside(ckpt.parent.parent, ckpt / name)
+        path = inside(ckpt.parent.parent, ckpt / name)
         hint = "restore it from a backup, or train the run again"
         if not path.is_file():
             raise CheckpointError(f"{path} is missing", hint)
@@ -404,41 +277,6 @@ def load_weights(model: GPT, ckpt: Path) -> None:
 def load_training_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     verify(ckpt, TRAINING_FILE)
     return _load_tensors(ckpt / TRAINING_FILE)
-
-
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    config: Config
-    tokenizer: Any
-    model: GPT
-    checkpoint: Path
-    state: dict[str, Any]
-
-
-def load_run(path: Path | None, device: torch.device | str = "cpu",
-             which: str = "best") -> LoadedRun:
-    """Model, tokenizer and config of a run, all from its directory, ready for inference."""
-    run_dir = find_latest_run() if path is None else Path(path)
-    if not run_dir.exists():
-        raise CheckpointError(f"--model {run_dir} does not exist",
-                              "pass a run directory made by 'minigpt train'")
-    if not is_run_dir(run_dir):
-        if (run_dir / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{run_dir} has no checkpoint yet",
-                                  "let its training reach a checkpoint, or resume it")
-        raise CheckpointError(f"{run_dir} is not a minigpt run directory",
-                              "pass a directory made by 'minigpt train'")
-    config = load_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    if config.model.vocab_size is None or config.model.vocab_size < tokenizer.vocab_size:
-        raise CheckpointError(f"{run_dir}: the model's vocab_size does not fit its tokenizer",
-                              "put back the config.yaml and tokenizer/ it was trained with")
-    ckpt = checkpoint_dir(run_dir, which)
-    model = GPT(config.model)
-    load_weights(model, ckpt)
-    model.to(device).eval()
-    return LoadedRun(run_dir, config, tokenizer, model, ckpt, read_state(ckpt))
 
 
 # ---- optimizer state as plain tensors + JSON ------------------------------------------------

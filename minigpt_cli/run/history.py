@@ -1,8 +1,10 @@
-"""A run's training history: ``metrics.jsonl`` read back as series over steps.
+"""A run's training history, ``metrics.jsonl``: appended to while training, read back
+as series over steps.
 
-The trainer appends one JSON object per logged step (``step, loss, lr, tokens_per_sec,
-epoch, elapsed``) and one per validation (``step, val_loss``). A run that is still training
-may have a half-written last line; unreadable lines are skipped and counted. No printing.
+Training appends one JSON object per logged step (``step, loss, lr, tokens_per_sec,
+epoch, elapsed``, ``mfu`` where known) and one per validation (``step, val_loss``). A run
+that is still training may have a half-written last line; unreadable lines are skipped
+and counted. No printing.
 """
 
 from __future__ import annotations
@@ -13,10 +15,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minigpt_cli.checkpoint import CONFIG_FILE, METRICS_FILE, find_latest_run
 from minigpt_cli.errors import CheckpointError
+from minigpt_cli.fileio import atomic_write_text
+from minigpt_cli.run.layout import CONFIG_FILE, METRICS_FILE, RUN_HINT, find_latest_run
 
 TRAIN_KEYS = ("loss", "lr", "tokens_per_sec", "epoch", "elapsed")
+
+
+class MetricsLog:
+    """Appends records to a run's ``metrics.jsonl``."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS_FILE
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (logged after the checkpoint a run resumes from)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except (ValueError, AttributeError):  # a line torn by a crash (kill -9)
+                pass
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
 
 @dataclass
@@ -61,13 +88,11 @@ def read_history(run: Path | None) -> History:
     """The history of the run directory ``run`` (default: the latest run under runs/)."""
     run_dir = find_latest_run() if run is None else Path(run)
     if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist",
-                              "pass a directory made by 'minigpt train'")
+        raise CheckpointError(f"run directory {run_dir} does not exist", RUN_HINT)
     path = run_dir / METRICS_FILE
     if not path.is_file():
         if not (run_dir / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{run_dir} is not a minigpt run directory",
-                                  "pass a directory made by 'minigpt train'")
+            raise CheckpointError(f"{run_dir} is not a minigpt run directory", RUN_HINT)
         raise CheckpointError(f"{run_dir} has no {METRICS_FILE}",
                               "it is written as the run trains; train it first")
     try:

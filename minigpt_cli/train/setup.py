@@ -14,13 +14,21 @@ from pathlib import Path
 import torch
 
 import minigpt_tokenizers
-from minigpt_cli import checkpoint as ckpt
-from minigpt_cli import data, flops
+from minigpt_cli import paths
 from minigpt_cli.config import Config
+from minigpt_cli.data.resolve import resolve_source
+from minigpt_cli.data.token_cache import check_length, token_cache
 from minigpt_cli.device import configure_backends, select_device, select_precision
 from minigpt_cli.errors import CheckpointError, ConfigError, DataError
-from minigpt_cli.model import GPT
-from minigpt_cli.trainer import Callback, MetricsLog, Trainer
+from minigpt_cli.fileio import atomic_write_text
+from minigpt_cli.model import flops
+from minigpt_cli.model.gpt import GPT
+from minigpt_cli.run import checkpoint as ckpt
+from minigpt_cli.run import layout
+from minigpt_cli.run.history import MetricsLog
+from minigpt_cli.run.load import load_config, load_tokenizer
+from minigpt_cli.train.events import Callback, MetricsWriter
+from minigpt_cli.train.trainer import Trainer
 
 Progress = Callable[[str, int, int], None]
 
@@ -40,7 +48,7 @@ class PreparedRun:
     notes: list[str]  # things the user should know, e.g. a damaged checkpoint was skipped
 
 
-def default_run_dir(config: Config, root: Path = Path("runs")) -> Path:
+def default_run_dir(config: Config, root: Path = paths.RUNS_DIR) -> Path:
     stem = config.preset or "run"
     base = root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, n = base, 1
@@ -59,14 +67,14 @@ def absolutize_dataset(config: Config) -> None:
 
 def resume_config(run_dir: Path, requested: Config, changed: set[str]) -> Config:
     """The run's own config with the allowed changes from ``requested`` applied."""
-    if not ckpt.is_run_dir(run_dir):
-        if (run_dir / ckpt.CONFIG_FILE).is_file():
+    if not layout.is_run_dir(run_dir):
+        if (run_dir / layout.CONFIG_FILE).is_file():
             raise CheckpointError(f"{run_dir} has no checkpoint to resume from",
                                   f"it stopped before its first one: remove {run_dir} and "
                                   "train again")
         raise CheckpointError(f"nothing to resume in {run_dir}",
-                              "train a new run there without --resume")
-    saved = ckpt.load_config(run_dir)
+                              "train a new run there instead")
+    saved = load_config(run_dir)
     merged = copy.deepcopy(saved)
     for dotted in sorted(changed):
         section, _, key = dotted.partition(".")
@@ -78,7 +86,7 @@ def resume_config(run_dir: Path, requested: Config, changed: set[str]) -> Config
             continue
         if section != "train" or key not in RESUMABLE_CHANGES:
             raise ConfigError(f"cannot resume with {dotted}={new!r}: the run was trained with "
-                              f"{old!r}", "start a new run with another --out instead")
+                              f"{old!r}", "start a new run in another run directory instead")
         setattr(merged.train, key, new)
     return merged.validate()
 
@@ -92,21 +100,21 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     resumed_from, notes = None, []
     if resume:
         if out is None:
-            raise ConfigError("--resume needs --out DIR, the run to continue")
+            raise ConfigError("resuming needs the run directory to continue")
         config = resume_config(out, config, changed)
         resumed_from, notes = ckpt.resume_checkpoint(out)
     else:
         absolutize_dataset(config)
         out = out or default_run_dir(config)
-        ckpt.check_new_run_dir(out)  # before any work: an existing run is never overwritten
+        layout.check_new_run_dir(out)  # before any work: an existing run is never overwritten
     device = select_device(config.train.device)
     precision = select_precision(config.train.precision, device)
     configure_backends(device)
     torch.manual_seed(config.train.seed)
 
-    source = data.resolve_source(config.data.dataset, config.data.val_fraction)
+    source = resolve_source(config.data.dataset, config.data.val_fraction)
     if resume:
-        tokenizer = ckpt.load_tokenizer(out)
+        tokenizer = load_tokenizer(out)
     else:
         report(f"preparing tokenizer {config.tokenizer.spec}", 0, 0)
         tokenizer = minigpt_tokenizers.create(config.tokenizer.spec,
@@ -122,20 +130,20 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     for split in ("train", "val"):
         def on_progress(done: int, total: int, split: str = split) -> None:
             report(f"tokenizing {split}", done, total)
-        splits[split] = data.token_cache(source, split, tokenizer, progress=on_progress)
-        data.check_length(splits[split], config.model.max_seq_length, split)
+        splits[split] = token_cache(source, split, tokenizer, progress=on_progress)
+        check_length(splits[split], config.model.max_seq_length, split)
 
     if resume:
         run_dir = out
     else:
-        run_dir = ckpt.create_run_dir(out)
-        ckpt.write_run_files(run_dir, config, tokenizer)
+        run_dir = layout.create_run_dir(out)
+        layout.write_run_files(run_dir, config, tokenizer)
 
     model = GPT(config.model).to(device)
-    metrics = MetricsLog(run_dir / ckpt.METRICS_FILE)
+    metrics = MetricsLog(run_dir)
     trainer = Trainer(model, config.train, splits["train"].tokens, splits["val"].tokens,
                       config.model.max_seq_length, device, precision, run_dir,
-                      [metrics, *callbacks], flops.flops_per_token(model),
+                      [MetricsWriter(metrics), *callbacks], flops.flops_per_token(model),
                       flops.peak_flops(device, precision))
     if resumed_from is not None:
         trainer.restore(resumed_from)
@@ -146,7 +154,7 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
                             f"put back {config.data.dataset} as it was, or start a new run")
         if trainer.step >= trainer.total_steps:
             raise ConfigError(f"{run_dir} already finished its {trainer.total_steps} steps",
-                              "raise --max-steps (or --epochs) to train further")
+                              "raise train.max_steps (or train.epochs) to train further")
         metrics.truncate_after(trainer.step)
-        ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, config.to_yaml())  # applied changes
+        atomic_write_text(run_dir / layout.CONFIG_FILE, config.to_yaml())  # applied changes
     return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from, notes)

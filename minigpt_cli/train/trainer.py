@@ -1,6 +1,6 @@
 """The training loop. It knows the model only as a module returning ``(logits, loss)``
-(with ``compile_for_training()`` for ``train.compile``),
-reports progress through callbacks, and never prints.
+(with ``compile_for_training()`` for ``train.compile``), reports progress through
+callbacks (``events.py``), and never prints.
 
 Stopping is cooperative: ``request_stop()`` (from a signal handler, say) makes the loop save
 a checkpoint at the next step boundary and raise ``TrainingStopped``, so a stopped run
@@ -9,23 +9,21 @@ resumes exactly where it left off.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from minigpt_cli import checkpoint as ckpt
-from minigpt_cli.batches import WindowSampler, eval_starts, windows
 from minigpt_cli.config import TrainConfig
+from minigpt_cli.data.batches import WindowSampler, batch_at, eval_starts
 from minigpt_cli.device import Precision
-from minigpt_cli.errors import MiniGPTError
+from minigpt_cli.errors import CheckpointError, MiniGPTError
+from minigpt_cli.run import checkpoint as ckpt
+from minigpt_cli.train.events import Callback, Event, Finished, Logged, Saved, Started, Validated
 
 
 class TrainingStopped(Exception):
@@ -39,91 +37,6 @@ class TrainingStopped(Exception):
 
 class TrainingDiverged(MiniGPTError):
     """The loss became NaN or infinite."""
-
-
-# ---- events ----------------------------------------------------------------------------------
-
-@dataclass
-class Started:
-    start_step: int
-    total_steps: int
-    steps_per_epoch: float
-    tokens_per_step: int
-    train_tokens: int
-    val_tokens: int
-
-
-@dataclass
-class Logged:
-    step: int
-    total_steps: int
-    epoch: float
-    loss: float
-    lr: float
-    tokens_per_sec: float
-    elapsed: float
-    mfu: float | None = None  # model FLOPs utilisation, where the device's peak is known
-
-
-@dataclass
-class Validated:
-    step: int
-    val_loss: float
-    best_val_loss: float
-    is_best: bool
-
-
-@dataclass
-class Saved:
-    step: int
-    path: Path
-    best: bool
-
-
-@dataclass
-class Finished:
-    step: int
-    best_val_loss: float | None
-    elapsed: float
-    path: Path | None
-
-
-Event = Started | Logged | Validated | Saved | Finished
-Callback = Callable[[Event], None]
-
-
-class MetricsLog:
-    """Appends ``Logged`` and ``Validated`` events to ``metrics.jsonl``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (logged after the checkpoint a run resumes from)."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except (ValueError, AttributeError):  # a line torn by a crash (kill -9)
-                pass
-        ckpt.atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, Logged):
-            record = {"step": event.step, "loss": round(event.loss, 6), "lr": event.lr,
-                      "tokens_per_sec": round(event.tokens_per_sec, 1),
-                      "epoch": round(event.epoch, 4), "elapsed": round(event.elapsed, 2)}
-            if event.mfu is not None:
-                record["mfu"] = round(event.mfu, 4)
-        elif isinstance(event, Validated):
-            record = {"step": event.step, "val_loss": round(event.val_loss, 6)}
-        else:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -194,11 +107,6 @@ class Trainer:
                 tensors[f"rng.cuda.{i}"] = s
         np_state = np.random.get_state()
         state = {
-            "total_steps": self.total_steps,
-            "lr_schedule": {"warmup_steps": self.cfg.warmup_steps,
-                            "learning_rate": self.cfg.learning_rate,
-                            "min_lr_ratio": self.cfg.min_lr_ratio,
-                            "next_lr": lr_at(self.step, self.cfg, self.total_steps)},
             "best_val_loss": self.best_val_loss,
             "elapsed": self.elapsed,
             "sampler": self.sampler.state_dict(),
@@ -238,7 +146,7 @@ class Trainer:
             kind, keys, *rest = state["rng_numpy"]
             np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise ckpt.CheckpointError(f"training state in {path} is incomplete or corrupt "
+            raise CheckpointError(f"training state in {path} is incomplete or corrupt "
                                        f"({e})") from e
         self.last_checkpoint, self._saved_step = path, self.step
 
@@ -259,7 +167,7 @@ class Trainer:
                              self.cfg.eval_iters * self.cfg.batch_size)
         total, count = torch.zeros((), device=self.device), 0
         for i in range(0, len(starts), self.cfg.batch_size):
-            x, y = windows(self.val_tokens, starts[i:i + self.cfg.batch_size], self.seq_len)
+            x, y = batch_at(self.val_tokens, starts[i:i + self.cfg.batch_size], self.seq_len)
             with self.precision.autocast(self.device):
                 _, loss = self.model(x.to(self.device), y.to(self.device), reduction="sum")
             total += loss.float()

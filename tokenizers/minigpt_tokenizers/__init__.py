@@ -21,20 +21,16 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from minigpt_cli.errors import TokenizerError  # raised by plugins too; re-exported here
+
+__all__ = ["ENTRY_POINT_GROUP", "META_FILE", "TextSource", "Tokenizer", "TokenizerError",
+           "available", "create", "load", "parse_spec", "plugin_class"]
+
 ENTRY_POINT_GROUP = "minigpt.tokenizers"
 META_FILE = "tokenizer.json"
 
 # Yields the training split's text in pieces; tokenizers that learn a vocabulary call it.
 TextSource = Callable[[], Iterable[str]]
-
-
-class TokenizerError(Exception):
-    """A tokenizer spec or file is unusable. ``hint`` says what to do instead."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
 
 
 class Tokenizer(ABC):

@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli import ui
-from minigpt_cli.checkpoint import load_run
-from minigpt_cli.commands.generate import (
+from minigpt_cli.cli import ui
+from minigpt_cli.cli.options import (
     Device,
     MaxNewTokens,
     MinP,
@@ -20,11 +19,9 @@ from minigpt_cli.commands.generate import (
     Temperature,
     TopK,
     TopP,
-    unescape,
+    sampling_settings,
 )
-from minigpt_cli.device import configure_backends, select_device
 from minigpt_cli.errors import MiniGPTError
-from minigpt_cli.sampling import Engine, SamplingSettings
 
 EXAMPLES = """Examples:
 
@@ -39,7 +36,6 @@ EXAMPLES = """Examples:
 In the chat: /help lists the commands (/set, /show, /reset, /system, /save, /load, /stats,
 /quit); Esc then Enter adds a line; Ctrl-C stops a reply; Ctrl-D leaves.
 """
-TEMPLATE_NAMES = ("plain", "chat")
 
 
 def register(app: typer.Typer) -> None:
@@ -65,14 +61,20 @@ def chat(
     device: Device = "auto",
 ) -> None:
     """Chat with a trained model: streamed replies, history, slash commands."""
-    from minigpt_cli.repl import ChatSession, data_dir, run_piped, run_repl
+    from minigpt_cli.chat.template import TEMPLATES
 
-    if template not in TEMPLATE_NAMES:
-        raise MiniGPTError(f"--template must be plain or chat, got '{template}'")
-    settings = SamplingSettings(
+    if template not in TEMPLATES:
+        raise MiniGPTError(f"--template must be {' or '.join(TEMPLATES)}, got '{template}'")
+    settings = sampling_settings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty,
-        stop=[unescape(s) for s in stop or []], seed=seed).validate()
+        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+    from minigpt_cli import paths
+    from minigpt_cli.chat.session import ChatSession
+    from minigpt_cli.cli.repl import HISTORY_FILE, run_piped, run_repl
+    from minigpt_cli.device import configure_backends, select_device
+    from minigpt_cli.generate.engine import Engine
+    from minigpt_cli.run.load import load_run
+
     dev = select_device(device)
     configure_backends(dev)
     run = load_run(model, dev)
@@ -85,6 +87,6 @@ def chat(
             raise MiniGPTError("the messages on stdin are not UTF-8 text") from e
     else:
         safe = ui.terminal_safe if ui.console.is_terminal else (lambda s: s)
-        code = run_repl(session, ui.console, history_path=data_dir() / "chat_history",
+        code = run_repl(session, ui.console, history_path=paths.data_dir() / HISTORY_FILE,
                         safe=safe)
     raise typer.Exit(code)

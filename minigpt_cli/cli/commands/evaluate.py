@@ -6,18 +6,14 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from minigpt_cli import data, ui
-from minigpt_cli.checkpoint import load_run
-from minigpt_cli.device import configure_backends, select_device, select_precision
+from minigpt_cli.cli import ui
+from minigpt_cli.cli.progress import DataProgress
 from minigpt_cli.errors import DataError, MiniGPTError
-from minigpt_cli.evaluation import check_stride, evaluate, record, result_key
-from minigpt_cli.progress import DataProgress
 
 EXAMPLES = """Examples:
 
@@ -70,6 +66,13 @@ def eval_(
         raise MiniGPTError("--split applies to a dataset; --text-file is scored whole")
     if batch_size is not None and batch_size < 1:
         raise MiniGPTError(f"--batch-size must be positive, got {batch_size}")
+    import torch
+
+    from minigpt_cli.data.resolve import resolve_source
+    from minigpt_cli.device import configure_backends, select_device, select_precision
+    from minigpt_cli.evaluate.perplexity import check_stride, evaluate, record, result_key
+    from minigpt_cli.run.load import load_run
+
     dev = select_device(device)
     configure_backends(dev)
     prec = select_precision(precision, dev)
@@ -86,7 +89,7 @@ def eval_(
             source, split_name, label = text_source, TEXT_SPLIT, str(text_file)
         else:
             label = dataset or run.config.data.dataset
-            source = data.resolve_source(label, run.config.data.val_fraction)
+            source = resolve_source(label, run.config.data.val_fraction)
             split_name = source.check_split(split or "val")
         tokens = _tokens(source, split_name, run.tokenizer, show_progress)
         batch = batch_size or max(1, TOKENS_PER_BATCH // seq_len)
@@ -125,8 +128,10 @@ def eval_(
             ui.err_console.print(Text(f"Saved to {saved}", style="dim"), soft_wrap=True)
 
 
-def _text_file_source(path: Path) -> data.FileSource:
+def _text_file_source(path: Path):
     """The whole of one text file as a single split (encoded through the token cache)."""
+    from minigpt_cli.data.files import BOM, FileSource, Segment, check_text_file
+
     if path.is_dir():
         raise DataError(f"--text-file {path} is a folder", "pass a text file, or a folder "
                         "with train/valid/test files as --dataset")
@@ -134,26 +139,20 @@ def _text_file_source(path: Path) -> data.FileSource:
         raise DataError(f"--text-file {path} does not exist")
     try:
         with open(path, "rb") as f:
-            head = f.read(len(data.BOM) + 1)
+            head = f.read(len(BOM) + 1)
     except OSError as e:
         raise DataError(f"cannot read --text-file {path}: {e.strerror or e}") from e
-    if head in (b"", data.BOM):
+    if head in (b"", BOM):
         raise DataError(f"--text-file {path} is empty", "give a file with some text in it")
-    start = data.check_text_file(path)  # binary and non-UTF-8 files are errors
-    segment = data.Segment(path, start, path.stat().st_size)
-    return data.FileSource(str(path), {TEXT_SPLIT: [segment]})
+    start = check_text_file(path)  # binary and non-UTF-8 files are errors
+    return FileSource(str(path), {TEXT_SPLIT: [Segment(path, start, path.stat().st_size)]})
 
 
-def _tokens(source: data.DataSource, split: str, tokenizer, show_progress: bool
-            ) -> data.TokenArray:
-    if not show_progress:
-        return data.token_cache(source, split, tokenizer)
-    view = DataProgress(ui.err_console)
-    try:
-        return data.token_cache(source, split, tokenizer,
-                                progress=lambda done, total: view("tokenizing", done, total))
-    finally:
-        view.close()
+def _tokens(source, split: str, tokenizer, show_progress: bool):
+    from minigpt_cli.data.token_cache import token_cache
+
+    with DataProgress.on_terminal(show_progress) as view:
+        return token_cache(source, split, tokenizer, progress=view.for_stage("tokenizing"))
 
 
 class _EvalProgress:

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from minigpt_cli import ui
-from minigpt_cli.checkpoint import load_run
-from minigpt_cli.device import configure_backends, select_device
-from minigpt_cli.errors import MiniGPTError
-from minigpt_cli.sampling import (
-    Engine,
-    GenerationResult,
-    Notice,
-    SampleFinished,
-    SamplingSettings,
-    TextDelta,
+from minigpt_cli.cli import ui
+from minigpt_cli.cli.options import (
+    Device,
+    MaxNewTokens,
+    MinP,
+    ModelDir,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    Temperature,
+    TopK,
+    TopP,
+    sampling_settings,
 )
+from minigpt_cli.errors import MiniGPTError
+
+if TYPE_CHECKING:
+    from minigpt_cli.generate.decoding import SamplingSettings
+    from minigpt_cli.generate.engine import GenerationResult
 
 EXAMPLES = """Examples:
 
@@ -37,34 +43,6 @@ EXAMPLES = """Examples:
 
   echo 'The meaning of life is' | minigpt generate --stop '\\n' --json
 """
-
-# Sampling options, shared with ``minigpt chat``.
-MaxNewTokens = Annotated[int, typer.Option(
-    "--max-new-tokens", help="Most tokens to generate per sample.")]
-Temperature = Annotated[float, typer.Option(
-    help="Randomness: 0 is greedy, 1 samples the model's distribution as is.")]
-TopK = Annotated[int, typer.Option(help="Sample among the K most likely tokens (0: off).")]
-TopP = Annotated[float, typer.Option(
-    help="Nucleus: sample among the most likely tokens that make up this probability (1: off).")]
-MinP = Annotated[float, typer.Option(
-    help="Drop tokens less likely than this fraction of the most likely one (0: off).")]
-RepetitionPenalty = Annotated[float, typer.Option(
-    help="Above 1, make tokens of the last 64 less likely to come again (1: off).")]
-Stop = Annotated[list[str] | None, typer.Option(
-    "--stop", metavar="TEXT", help="End a sample at this text, left out of the output (repeatable; "
-                   "\\n and \\t are understood).")]
-Seed = Annotated[int | None, typer.Option(help="Seed for reproducible samples.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-ModelDir = Annotated[Path | None, typer.Option(
-    "--model", help="Run directory. Default: the latest run under runs/.")]
-
-_ESCAPE = re.compile(r"\\(.)")
-_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
-
-
-def unescape(text: str) -> str:
-    return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(0)), text)
-
 
 def register(app: typer.Typer) -> None:
     app.command("generate", epilog=EXAMPLES)(generate)
@@ -95,11 +73,15 @@ def generate(
     ] = False,
 ) -> None:
     """Continue a prompt with a trained model, streaming the text as it is generated."""
-    settings = SamplingSettings(
+    settings = sampling_settings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty,
-        stop=[unescape(s) for s in stop or []], seed=seed, num_samples=num_samples).validate()
+        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+        num_samples=num_samples)
     text = read_prompt(prompt, prompt_file)
+    from minigpt_cli.device import configure_backends, select_device
+    from minigpt_cli.generate.engine import Engine, GenerationResult, Notice
+    from minigpt_cli.run.load import load_run
+
     dev = select_device(device)
     configure_backends(dev)
     run = load_run(model, dev)
@@ -172,6 +154,8 @@ class StreamView:
         self.finished: set[int] = set()
 
     def render(self, events) -> GenerationResult:
+        from minigpt_cli.generate.engine import GenerationResult, Notice, SampleFinished, TextDelta
+
         self._advance()
         for event in events:
             if isinstance(event, TextDelta):

@@ -10,12 +10,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from minigpt_cli import ui
-from minigpt_cli.config import Config
+from minigpt_cli.cli import ui
 from minigpt_cli.errors import MiniGPTError
-from minigpt_cli.progress import DataProgress, TrainingView
-from minigpt_cli.trainer import TrainingStopped
-from minigpt_cli.training import prepare
 
 EXAMPLES = """Examples:
 
@@ -58,6 +54,13 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> None:
     """Train a GPT from a preset or config file, with live progress and checkpoints."""
+    from minigpt_cli.cli.progress import DataProgress, TrainingView
+    from minigpt_cli.config import Config
+    from minigpt_cli.train import setup
+    from minigpt_cli.train.trainer import TrainingStopped
+
+    if resume and out is None:
+        raise MiniGPTError("--resume needs --out DIR, the run to continue")
     overrides = list(set_ or [])
     for key, value in (("data.dataset", dataset), ("tokenizer.spec", tokenizer),
                        ("train.max_steps", max_steps), ("train.epochs", epochs),
@@ -68,19 +71,18 @@ def train(
     cfg = Config.from_sources(preset, config, overrides)
     changed = {item.partition("=")[0].strip() for item in overrides}
     if resume and (preset or config):
-        changed |= _differences(cfg)
+        changed |= _differences(cfg, Config())
 
     # Plain progress lines go to stdout, so that a failure is the only line on stderr.
-    data_view = DataProgress(ui.err_console if ui.err_console.is_terminal else ui.console)
+    data_console = ui.err_console if ui.err_console.is_terminal else ui.console
     old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
     try:
-        run = prepare(cfg, out, resume=resume, changed=changed, progress=data_view)
+        with DataProgress(data_console) as data_view:
+            run = setup.prepare(cfg, out, resume=resume, changed=changed, progress=data_view)
     except _Terminated:
-        data_view.close()
         ui.err_console.print("Terminated before training started.")
         raise typer.Exit(143) from None
     finally:
-        data_view.close()
         signal.signal(signal.SIGTERM, old[signal.SIGTERM])
 
     model = run.trainer.model
@@ -155,9 +157,8 @@ def _yaml_scalar(value) -> str:
     return str(value)
 
 
-def _differences(cfg: Config) -> set[str]:
-    """Keys where ``cfg`` differs from the defaults (for --resume with a preset/config)."""
-    default = Config()
+def _differences(cfg, default) -> set[str]:
+    """Keys where ``cfg`` differs from ``default`` (for --resume with a preset/config)."""
     out = set()
     for section in ("model", "tokenizer", "data", "train"):
         for key, value in vars(getattr(cfg, section)).items():

@@ -1,14 +1,7 @@
-"""``minigpt inspect data | run | attention``: a dataset, a training run and attention, drawn.
-
-Registered onto the ``inspect`` sub-app by :func:`minigpt_cli.commands.inspect.register`.
-The numbers come from core modules (:mod:`~minigpt_cli.datastats`,
-:mod:`~minigpt_cli.history`, :mod:`~minigpt_cli.attention`); the terminal charts from
-:mod:`~minigpt_cli.charts` and the PNGs from :mod:`~minigpt_cli.figures`.
-"""
+"""``minigpt inspect data``: a dataset as a tokenizer sees it, per split."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,38 +10,16 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from minigpt_cli import data, ui
-from minigpt_cli.attention import attention_map, check_layer_head, scale_max
-from minigpt_cli.charts import HeatMap, LineChart, Series, bar, visible
-from minigpt_cli.checkpoint import (
-    find_latest_run,
-    is_run_dir,
-    load_config,
-    load_run,
-    load_tokenizer,
-)
-from minigpt_cli.commands.inspect import emit_json, resolve_tokenizer, token_pieces
-from minigpt_cli.datastats import UNITS, split_stats
-from minigpt_cli.errors import CheckpointError, MiniGPTError
-from minigpt_cli.history import read_history
-from minigpt_cli.progress import DataProgress
+from minigpt_cli.cli import ui
+from minigpt_cli.cli.charts import bar, visible
+from minigpt_cli.cli.commands.inspect.common import emit_json, resolve_tokenizer, token_text
+from minigpt_cli.cli.progress import DataProgress
+from minigpt_cli.errors import MiniGPTError
+from minigpt_cli.run.layout import check_run_dir
 
+NAME = "data"
 BAR_WIDTH = 24  # cells of a histogram bar
-
-
-def register(inspect_app: typer.Typer) -> None:
-    inspect_app.command("data", epilog=DATA_EXAMPLES)(data_)
-    inspect_app.command("run", epilog=RUN_EXAMPLES)(run_)
-    inspect_app.command("attention", epilog=ATTENTION_EXAMPLES)(attention_)
-
-
-def _wrote(path: Path) -> None:
-    ui.err_console.print(Text(f"Wrote {path}", style="dim"), soft_wrap=True)
-
-
-# ---- inspect data ------------------------------------------------------------------------------
-
-DATA_EXAMPLES = """Examples:
+EXAMPLES = """Examples:
 
   minigpt inspect data data/tinyshakespeare/input.txt
 
@@ -58,31 +29,8 @@ DATA_EXAMPLES = """Examples:
 """
 
 
-def _run_dir(model: Path) -> Path:
-    if not model.exists():
-        raise CheckpointError(f"--model {model} does not exist")
-    if not is_run_dir(model):
-        raise CheckpointError(f"{model} is not a minigpt run directory",
-                              "pass a directory made by 'minigpt train'")
-    return model
-
-
-def _token_text(tokenizer) -> Any:
-    """id -> its text; a byte that is only part of a character shows as <c3>."""
-    def text(i: int) -> str:
-        decoded = tokenizer.decode([i])
-        if "\ufffd" in decoded and hasattr(tokenizer, "decode_bytes"):
-            raw = tokenizer.decode_bytes([i])
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return "".join(f"<{b:02x}>" for b in raw)
-        return decoded
-    return text
-
-
 @ui.guarded
-def data_(
+def command(
     dataset: Annotated[str | None, typer.Argument(
         help="Text file, folder, wikitext-2, wikitext-103, hf:NAME[:CONFIG] or stdlib-docs. "
              "Default with --model: the run's dataset.")] = None,
@@ -102,6 +50,11 @@ def data_(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Per split: sizes, lengths of documents or lines, and the most frequent tokens."""
+    from minigpt_cli.data.resolve import resolve_source
+    from minigpt_cli.data.stats import UNITS, split_stats
+    from minigpt_cli.run.load import load_config, load_tokenizer
+
+
     if unit not in UNITS:
         raise MiniGPTError(f"unknown --unit '{unit}'", f"use {' or '.join(UNITS)}")
     if top < 0:
@@ -109,7 +62,7 @@ def data_(
     if model is not None and tokenizer is not None:
         raise MiniGPTError("give either --model or --tokenizer, not both",
                            "--model uses the run's own tokenizer")
-    config = load_config(_run_dir(model)) if model is not None else None
+    config = load_config(check_run_dir(model)) if model is not None else None
     if dataset is None:
         if config is None:
             raise MiniGPTError("no dataset given", "pass one, e.g. minigpt inspect data "
@@ -117,17 +70,13 @@ def data_(
         dataset = config.data.dataset
     fraction = val_fraction if val_fraction is not None else (
         config.data.val_fraction if config is not None else 0.1)
-    source = data.resolve_source(dataset, fraction)
+    source = resolve_source(dataset, fraction)
     tok = load_tokenizer(model) if model is not None else resolve_tokenizer(
         tokenizer or "byte", lambda: source.iter_text("train"))
-    view = DataProgress(ui.err_console) if not json_out and ui.err_console.is_terminal else None
-    try:
+    with DataProgress.on_terminal(not json_out) as view:
         stats = [split_stats(source, split, tok, unit, top, progress=view)
                  for split in source.splits()]
-    finally:
-        if view is not None:
-            view.close()
-    piece = _token_text(tok)
+    piece = token_text(tok)
     info = {"dataset": source.name, "tokenizer": tok.spec, "vocab_size": tok.vocab_size,
             "unit": unit, "splits": {s.split: s.to_dict(piece) for s in stats}}
     if json_out:
@@ -226,133 +175,3 @@ def _share_over(histogram: list[dict[str, int]], context: int) -> float:
         elif b["hi"] > context:
             over += b["count"] * (b["hi"] - context) / (b["hi"] - b["lo"] + 1)
     return over / total
-
-
-# ---- inspect run -------------------------------------------------------------------------------
-
-RUN_EXAMPLES = """Examples:
-
-  minigpt inspect run    # the latest run under runs/
-
-  minigpt inspect run runs/tiny --png tiny.png
-
-  minigpt inspect run runs/tiny --json
-"""
-
-
-@ui.guarded
-def run_(
-    run: Annotated[Path | None, typer.Argument(
-        help="Run directory (default: the latest run under runs/).")] = None,
-    png: Annotated[Path | None, typer.Option(
-        help="Also write the charts as a PNG image (needs matplotlib).")] = None,
-    height: Annotated[int, typer.Option(help="Rows of the loss chart in the terminal.")] = 10,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the series as JSON.")] = False,
-) -> None:
-    """Training and validation loss, learning rate and tokens/s over steps, as charts."""
-    if run is None:
-        try:
-            run = find_latest_run()
-        except CheckpointError as e:
-            raise CheckpointError(e.message, "pass a run directory: minigpt inspect run DIR, "
-                                             "or train one with 'minigpt train'") from e
-    history = read_history(run)
-    if history.skipped_lines:
-        ui.warn(f"skipped {history.skipped_lines} unreadable line(s) of metrics.jsonl")
-    info = history.to_dict()
-    s = info["summary"]
-    title = f"{history.run_dir.name} · step {s['last_step']:,}"
-    if png is not None:
-        from minigpt_cli.figures import training_figure
-
-        best = s["best_val_loss"]
-        suffix = "" if best is None else f" · best validation loss {best:.4f}"
-        _wrote(training_figure(info, png, title + suffix))
-    if json_out:
-        emit_json(info)
-        return
-    train, val = history.train, history.val
-    rows = [("steps logged", f"{s['logged_steps']:,} (last step {s['last_step']:,})")]
-    if s["final_loss"] is not None:
-        rows.append(("training loss", f"{s['final_loss']:.4f} (lowest {s['min_loss']:.4f})"))
-    if s["best_val_loss"] is not None:
-        rows.append(("validation loss", f"{s['final_val_loss']:.4f} (best {s['best_val_loss']:.4f}"
-                                        f" at step {s['best_val_step']:,})"))
-    if s["peak_lr"] is not None:
-        rows.append(("learning rate", f"{s['final_lr']:.2e} (peak {s['peak_lr']:.2e})"))
-    if s["mean_tokens_per_sec"] is not None:
-        rows.append(("tokens/s", f"{s['mean_tokens_per_sec']:,.0f} on average"))
-    if s["elapsed"] is not None:
-        rows.append(("elapsed", f"{ui.human_duration(s['elapsed'])} · {s['epochs']:.2f} epochs"))
-    table = Table(title=title, title_justify="left", show_header=False, box=None,
-                  padding=(0, 2), title_style="bold")
-    table.add_column(style="dim")
-    table.add_column()
-    for k, v in rows:
-        table.add_row(k, v)
-    charts = [LineChart("loss", [Series("training", train["step"], train["loss"], "cyan"),
-                                 Series("validation", val["step"], val["val_loss"], "yellow", "•")],
-                        height=max(3, height)),
-              LineChart("learning rate", [Series("lr", train["step"], train["lr"], "green")],
-                        height=max(2, height // 2), fmt=lambda x: f"{x:.2e}"),
-              LineChart("tokens/s", [Series("tokens/s", train["step"],
-                                            train["tokens_per_sec"], "magenta")],
-                        height=max(2, height // 2))]
-    ui.console.print(Group(table, *[g for c in charts for g in (Text(), c)]))
-
-
-# ---- inspect attention -------------------------------------------------------------------------
-
-ATTENTION_EXAMPLES = """Examples:
-
-  minigpt inspect attention --model runs/tiny 'To be, or not to be'
-
-  minigpt inspect attention --model runs/tiny --layer 2 --head 1 'def f(x):' --png att.png
-
-  echo 'from stdin' | minigpt inspect attention --model runs/tiny - --json
-"""
-
-
-@ui.guarded
-def attention_(
-    text: Annotated[str, typer.Argument(help="Text to look at ('-' reads standard input).")],
-    model: Annotated[Path | None, typer.Option(
-        "--model", help="Run directory (default: the latest run under runs/).")] = None,
-    layer: Annotated[int, typer.Option(help="Layer, counted from 0.")] = 0,
-    head: Annotated[int | None, typer.Option(
-        help="Head, counted from 0 (default: the mean over the layer's heads).")] = None,
-    png: Annotated[Path | None, typer.Option(
-        help="Also write the heat map as a PNG image (needs matplotlib).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the weights as JSON.")
-                        ] = False,
-) -> None:
-    """How much each token attends to every earlier one, as a heat map over the tokens."""
-    run = load_run(model, "cpu")
-    check_layer_head(run.model, layer, head)
-    if text == "-":
-        text = sys.stdin.read()
-    ids = [int(i) for i in run.tokenizer.encode(text)]
-    context = run.config.model.max_seq_length
-    if len(ids) > context:
-        ui.warn(f"the text is {len(ids):,} tokens; using the first {context} (the context)")
-        ids = ids[:context]
-    weights_t = attention_map(run.model, ids, layer, head)
-    weights, vmax = weights_t.tolist(), scale_max(weights_t)
-    pieces = token_pieces(run.tokenizer, ids)
-    heads = run.config.model.num_heads
-    which = f"head {head}" if head is not None else f"mean of {heads} heads"
-    title = f"{run.run_dir.name} · layer {layer} of {run.config.model.num_layers} · {which}"
-    if png is not None:
-        from minigpt_cli.figures import attention_figure
-
-        labels = [visible(p) or "·" for p in pieces]  # "": part of a character
-        _wrote(attention_figure(weights, labels, png, title, vmax))
-    if json_out:
-        emit_json({"model": str(run.run_dir), "step": run.state.get("step"), "layer": layer,
-                   "head": head, "num_layers": run.config.model.num_layers, "num_heads": heads,
-                   "ids": ids, "tokens": pieces, "weights": weights})
-        return
-    ui.console.print(Text(title, style="bold"))
-    ui.console.print(Text("rows: each token (query) · columns: the tokens it attends to (keys)",
-                          style="dim"))
-    ui.console.print(HeatMap(weights, pieces, vmax))

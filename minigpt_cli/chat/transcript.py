@@ -1,0 +1,76 @@
+"""Conversations on disk: a readable transcript (or JSON) that ``/load`` reads back."""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+from minigpt_cli.chat.template import Turn
+
+ROLES = ("System", "User", "Assistant")
+
+
+class Saved(NamedTuple):
+    """A conversation read back from a file."""
+
+    system: str
+    turns: list[Turn]
+    template: str | None  # None when the file does not say (e.g. written by hand)
+
+
+def transcript(system: str, turns: list[Turn], template: str | None = None,
+               model: str = "") -> str:
+    """The conversation as text: ``# key: value`` header lines, then role-marked messages."""
+    header = ["# minigpt chat transcript"]
+    if template:
+        header.append(f"# template: {template}")
+    if model:
+        header.append(f"# model: {model}")
+    lines = ["\n".join(header) + "\n"]
+    if system:
+        lines.append(f"System: {system}\n")
+    for t in turns:
+        lines.append(f"User: {t.user}\nAssistant: {t.assistant.strip()}\n")
+    return "\n".join(lines)
+
+
+def parse_transcript(text: str) -> Saved:
+    """Read back ``transcript``: a line starting with a role marker opens a message;
+    ``# key: value`` lines before the first message are the header."""
+    messages: list[list] = []
+    header: dict[str, str] = {}
+    for line in text.splitlines():
+        role = next((r for r in ROLES if line.startswith(f"{r}:")), None)
+        if role:
+            messages.append([role, line[len(role) + 1:].removeprefix(" ")])
+        elif messages:
+            messages[-1][1] += "\n" + line
+        elif line.startswith("#"):
+            key, sep, value = line[1:].partition(":")
+            if sep:
+                header[key.strip().lower()] = value.strip()
+        elif line.strip():
+            raise ValueError("expected lines starting with System:, User: or Assistant:")
+    system, turns = "", []
+    for role, body in messages:
+        body = body.strip()
+        if role == "System":
+            system = body
+        elif role == "User":
+            turns.append(Turn(body, ""))
+        elif turns and not turns[-1].assistant:
+            turns[-1].assistant = body
+        else:
+            raise ValueError("an Assistant: message without a User: message before it")
+    return Saved(system, turns, header.get("template") or None)
+
+
+def from_json(text: str) -> Saved:
+    try:
+        raw = json.loads(text)
+        system = raw.get("system") or ""
+        turns = [Turn(str(t["user"]), str(t["assistant"])) for t in raw["turns"]]
+        template = raw.get("template")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError("expected JSON with 'turns' of 'user' and 'assistant'") from e
+    return Saved(str(system), turns, str(template) if template else None)

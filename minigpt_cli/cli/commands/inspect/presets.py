@@ -1,0 +1,42 @@
+"""``minigpt inspect presets``: the built-in presets and what each one trains."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from minigpt_cli.cli import ui
+from minigpt_cli.cli.commands.inspect.common import emit_json
+from minigpt_cli.config import Config, preset_summaries
+
+NAME = "presets"
+EXAMPLES = "Examples:\n\n  minigpt inspect presets\n\n  minigpt inspect presets --json\n"
+
+
+@ui.guarded
+def command(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The built-in presets: what each one trains."""
+    rows = []
+    for name, description in preset_summaries():
+        cfg = Config.from_preset(name)
+        m = cfg.model
+        rows.append({"name": name, "description": description,
+                     "context": m.max_seq_length, "layers": m.num_layers,
+                     "embed_dim": m.embed_dim, "heads": m.num_heads,
+                     "tokenizer": cfg.tokenizer.spec, "dataset": cfg.data.dataset})
+    if json_out:
+        emit_json(rows)
+        return
+    table = Table(title="Presets (minigpt train --preset NAME)", title_justify="left")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("description")
+    for r in rows:
+        setup = (f"{r['layers']} layers × {r['embed_dim']}, context {r['context']} · "
+                 f"{r['tokenizer']} · {r['dataset']}")
+        table.add_row(Text(r["name"]), Text(r["description"]) + Text("\n" + setup, style="dim"))
+    ui.console.print(table)

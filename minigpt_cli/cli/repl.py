@@ -1,0 +1,181 @@
+"""The chat REPL's terminal side: the prompt-toolkit loop and the piped mode around a
+:class:`~minigpt_cli.chat.session.ChatSession`.
+
+``run_repl`` is the interactive loop, ``run_piped`` the scriptable one (one message per
+input line, one reply per output block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+from rich.console import Console
+from rich.text import Text
+
+from minigpt_cli.chat.session import COMMANDS, SETTABLE, ChatSession, CommandResult
+from minigpt_cli.generate.engine import Notice
+
+HISTORY_FILE = "chat_history"
+
+
+def _note(console: Console, line: str, ok: bool = True) -> None:
+    console.print(Text(line, style="dim" if ok else "yellow"), soft_wrap=True)
+
+
+def _show_result(console: Console, result: CommandResult) -> None:
+    for line in result.lines:
+        _note(console, line, result.ok)
+    for line in result.warnings:
+        _note(console, line, ok=False)
+
+
+def _show_reply(session: ChatSession, message: str, console: Console, safe) -> None:
+    pieces = session.respond(message)
+    shown = False
+    try:
+        for piece in pieces:
+            if isinstance(piece, Notice):
+                _note(console, piece.message, ok=False)
+            else:
+                console.out(safe(piece), end="")
+                shown = True
+        if shown:
+            console.out("")
+        else:  # e.g. the model went straight to the next "User:"
+            _note(console, "(empty reply)")
+        if session.show_stats:
+            _note(console, session.stats_text())
+    except KeyboardInterrupt:
+        pieces.close()
+        console.out("")
+        _note(console, "(reply stopped)")
+
+
+def _open_block(text: str) -> bool:
+    """Whether ``text`` opens a triple-quoted message that is not closed yet."""
+    text = text.strip()
+    return text.startswith('"""') and not text.endswith('"""', 3)
+
+
+def _unquote(text: str) -> str:
+    """The message inside a triple-quoted block (closed or, at end of input, not)."""
+    body = text.strip()[3:]
+    return body.removesuffix('"""').strip("\n")
+
+
+class SlashCompleter(Completer):
+    """Tab completion for slash commands, /set keys, /stats values and /save, /load paths."""
+
+    def __init__(self) -> None:
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document: Document, complete_event):
+        text = document.text_before_cursor.lstrip()
+        if not text.startswith("/"):
+            return
+        if " " not in text:
+            yield from _matches(text, COMMANDS)
+            return
+        command, _, rest = text.partition(" ")
+        rest = rest.lstrip()
+        if command in ("/save", "/load"):
+            yield from self.paths.get_completions(Document(rest), complete_event)
+        elif command == "/set" and " " not in rest:
+            yield from _matches(rest, SETTABLE)
+        elif command == "/stats":
+            yield from _matches(rest, ("on", "off"))
+
+
+def _matches(word: str, options: Iterable[str]) -> Iterator[Completion]:
+    for option in options:
+        if option.startswith(word.lower()):
+            yield Completion(option, start_position=-len(word))
+
+
+def _history(path: Path | None, console: Console):
+    if path is None:
+        return InMemoryHistory()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as e:
+        _note(console, f"input history not saved: cannot write {path} ({e.strerror or e})",
+              ok=False)
+        return InMemoryHistory()
+    return FileHistory(str(path))
+
+
+def run_repl(session: ChatSession, console: Console, *, history_path: Path | None = None,
+             input=None, output=None, safe=lambda s: s) -> int:
+    """The interactive loop. ``input``/``output`` are prompt-toolkit's (tests pass pipes)."""
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _newline(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    @keys.add("enter", filter=Condition(lambda: _open_block(get_app().current_buffer.text)))
+    def _block_line(event) -> None:  # inside a """ block Enter adds a line: one message,
+        event.current_buffer.insert_text("\n")  # one history entry, editable as a whole
+
+    prompt_session = PromptSession(history=_history(history_path, console),
+                                   completer=SlashCompleter(), key_bindings=keys,
+                                   prompt_continuation="... ", input=input, output=output)
+    _note(console, f"minigpt chat · {session.model_label} · template {session.template.name}"
+                   " · /help for commands, Ctrl-D to leave")
+    while True:
+        label = "you> " if session.template.name == "chat" else "> "  # /load may change it
+        try:
+            text = prompt_session.prompt(label)
+        except KeyboardInterrupt:  # clears the line
+            continue
+        except EOFError:
+            return 0
+        if text.strip().startswith('"""'):
+            text = _unquote(text)
+        if session.is_command(text):
+            try:
+                result = session.handle_command(text)
+            except KeyboardInterrupt:
+                _note(console, "(interrupted)")
+                continue
+            _show_result(console, result)
+            if result.quit:
+                return 0
+        elif text.strip():
+            _show_reply(session, text, console, safe)
+
+
+def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
+              err: Console) -> int:
+    """One message per input line. Each reply is printed literally, without surrounding
+    whitespace; replies are separated by a blank line (no reply contains one: both
+    templates stop there). Slash commands work and report on ``err``."""
+    replies = 0
+    for line in lines:
+        message = line.rstrip("\r\n")
+        if not message.strip():
+            continue
+        if session.is_command(message):
+            result = session.handle_command(message)
+            _show_result(err, result)
+            if result.quit:
+                break
+            continue
+        parts = []
+        for piece in session.respond(message):
+            if isinstance(piece, Notice):
+                _note(err, piece.message, ok=False)
+            else:
+                parts.append(piece)
+        out.out(("\n" if replies else "") + "".join(parts).strip())
+        replies += 1
+    return 0

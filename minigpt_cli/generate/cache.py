@@ -1,0 +1,116 @@
+"""The model behind a KV cache: feed tokens, get next-token logits, slide past the context."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.nn import functional as F
+
+from minigpt_cli.generate.quant import DecodingHead
+from minigpt_cli.model.gpt import GPT, KVCache
+
+SMALL_STEP = 16  # a CPU step over at most this many (batch x new) tokens runs on one thread
+
+
+class CachedLM:
+    """Feed tokens, get next-token logits; one cached forward step per new token.
+
+    ``window`` holds the tokens now in the cache. When appending would overflow the
+    context, the cache restarts from the most recent ``keep`` tokens (half the context by
+    default), prefilled again, so positions stay within the model's limit.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, keep: int | None = None,
+                 head: DecodingHead | None = None):
+        self.model = model
+        self.capacity = model.config.max_seq_length
+        self.keep = min(self.capacity, keep or max(1, self.capacity // 2))
+        self.head = head
+        with torch.inference_mode():
+            self.cache: KVCache = model.new_cache(batch_size)
+            self.tokens = torch.zeros(batch_size, self.capacity, dtype=torch.long,
+                                      device=model.lm_head.weight.device)
+        self.slides = 0
+
+    @property
+    def window(self) -> torch.Tensor:
+        return self.tokens[:, :self.cache.length]
+
+    @torch.inference_mode()
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """Start over from ``idx`` (1 or B, T), cropped from the left to the context.
+        A single row is computed once and copied to every row of the batch."""
+        idx = idx[:, -self.capacity:]
+        self.cache.reset()
+        logits = self._forward(idx)
+        B, T = self.tokens.size(0), idx.size(1)
+        if idx.size(0) == 1 and B > 1:
+            for layer in self.cache.layers:
+                layer.k[1:, :, :T] = layer.k[:1, :, :T]
+                layer.v[1:, :, :T] = layer.v[:1, :, :T]
+            self.tokens[1:, :T] = self.tokens[:1, :T]
+            logits = logits.expand(B, -1)
+        return logits
+
+    @torch.inference_mode()
+    def append(self, idx: torch.Tensor) -> torch.Tensor:
+        """Continue every row with ``idx`` (B, T); logits (B, V) for the next token."""
+        T = idx.size(1)
+        if self.cache.length + T <= self.capacity:
+            return self._forward(idx)
+        self.slides += 1
+        keep = max(0, self.keep - T)
+        context = torch.cat([self.window[:, self.cache.length - keep:], idx], dim=1)
+        self.cache.reset()
+        return self._forward(context[:, -self.capacity:])
+
+    def _forward(self, idx: torch.Tensor) -> torch.Tensor:
+        # Only the last position's logits are needed, and the head is most of the cost.
+        B, T = idx.shape
+        start = self.cache.length
+        self.tokens[:B, start:start + T] = idx
+        with one_thread(idx.device.type == "cpu" and B * T <= SMALL_STEP):
+            x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
+        if self.head is not None:
+            return self.head(x)  # (B, V)
+        return F.linear(x, self.model.lm_head.weight)
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0  # blocks inside one_thread(), in every thread of the process
+_threads_before = 0  # torch's thread count when the first of them started
+
+
+@contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Run torch's CPU operators on one thread for a while.
+
+    A decoding step through the layers is dozens of tiny operators; waking a second thread
+    for each costs more than it saves, and stalls every one of them for milliseconds when
+    another process keeps the other cores busy (a 10x slower step on a shared 2-core
+    machine). The output head, one large matrix product, keeps all threads.
+
+    torch's thread count is process-wide, so blocks in several threads (a server decoding
+    for several clients) share one switch: the first block to start sets one thread, the
+    last to end puts back the count from before the first, under a lock.
+    """
+    global _threads_users, _threads_before
+    if not enabled:
+        yield
+        return
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_before = torch.get_num_threads()
+            if _threads_before != 1:
+                torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0 and _threads_before != 1:
+                torch.set_num_threads(_threads_before)
