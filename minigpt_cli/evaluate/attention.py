@@ -20,8 +20,8 @@ def check_layer_head(model: GPT, layer: int, head: int | None) -> None:
                            f"layers", f"pass 0 to {cfg.num_layers - 1}", setting="layer")
     if head is not None and not 0 <= head < cfg.num_heads:
         raise MiniGPTError(f"head {head} is out of range: each layer has {cfg.num_heads} "
-                           f"heads", f"pass 0 to {cfg.num_heads - 1}, or none for the mean "
-                                     f"over heads", setting="head")
+                           f"heads", f"pass 0 to {cfg.num_heads - 1}, or leave it out for "
+                                     f"the mean over heads", setting="head")
 
 
 def attention_map(model: GPT, ids: list[int], layer: int, head: int | None = None

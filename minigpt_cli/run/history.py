@@ -17,7 +17,7 @@ from typing import Any
 
 from minigpt_cli.errors import CheckpointError
 from minigpt_cli.fileio import atomic_write_text
-from minigpt_cli.run.layout import CONFIG_FILE, METRICS_FILE, RUN_HINT, find_latest_run
+from minigpt_cli.run.layout import METRICS_FILE, check_run_dir, find_latest_run
 
 TRAIN_KEYS = ("loss", "lr", "tokens_per_sec", "epoch", "elapsed")
 
@@ -86,13 +86,9 @@ def _number(x: Any) -> bool:
 
 def read_history(run: Path | None) -> History:
     """The history of the run directory ``run`` (default: the latest run under runs/)."""
-    run_dir = find_latest_run() if run is None else Path(run)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist", RUN_HINT)
+    run_dir = find_latest_run() if run is None else check_run_dir(Path(run), None, False)
     path = run_dir / METRICS_FILE
     if not path.is_file():
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{run_dir} is not a minigpt run directory", RUN_HINT)
         raise CheckpointError(f"{run_dir} has no {METRICS_FILE}",
                               "it is written as the run trains; train it first")
     try:

@@ -45,8 +45,8 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise CheckpointError(f"out {run_dir} is a file, not a directory",
                               "choose another run directory", setting="out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise CheckpointError(f"{run_dir} already exists and is not empty",
-                              "resume it, or choose another run directory")
+        raise CheckpointError(f"out {run_dir} already exists and is not empty",
+                              "resume it, or choose another run directory", setting="out")
     parent = run_dir
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -83,14 +83,16 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / CKPT_DIR).is_dir()
 
 
-def check_run_dir(path: Path, setting: str = "model") -> Path:
-    """``path`` if it is a run directory with a checkpoint, else a one-line error about
-    the setting that named it."""
+def check_run_dir(path: Path, setting: str | None = "model", checkpoint: bool = True) -> Path:
+    """``path`` if it is a run directory (with a checkpoint, unless ``checkpoint`` is
+    False), else a one-line error; ``setting`` names what gave the path, if anything."""
     if not path.exists():
+        if setting is None:
+            raise CheckpointError(f"run directory {path} does not exist", RUN_HINT)
         raise CheckpointError(f"{setting} {path} does not exist", RUN_HINT, setting=setting)
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} is not a minigpt run directory", RUN_HINT)
-    if not (path / CKPT_DIR).is_dir():
+    if checkpoint and not (path / CKPT_DIR).is_dir():
         raise CheckpointError(f"{path} has no checkpoint yet",
                               "let its training reach a checkpoint, or resume it")
     return path

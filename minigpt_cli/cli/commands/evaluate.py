@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from minigpt_cli.cli import ui
-from minigpt_cli.cli.progress import DataProgress
 from minigpt_cli.errors import DataError, MiniGPTError
 
 EXAMPLES = """Examples:
@@ -149,6 +147,7 @@ def _text_file_source(path: Path):
 
 
 def _tokens(source, split: str, tokenizer, show_progress: bool):
+    from minigpt_cli.cli.progress import DataProgress
     from minigpt_cli.data.token_cache import token_cache
 
     with DataProgress.on_terminal(show_progress) as view:
@@ -161,7 +160,7 @@ class _EvalProgress:
     def __init__(self, description: str, enabled: bool):
         self.description = description
         self.enabled = enabled
-        self._progress: Progress | None = None
+        self._progress = None
         self._task = None
 
     def __enter__(self):
@@ -171,6 +170,14 @@ class _EvalProgress:
         if self._progress is None:
             if total < PROGRESS_MIN_TOKENS:
                 return
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                       MofNCompleteColumn(), TextColumn("tokens"),
                                       TimeRemainingColumn(), console=ui.err_console,

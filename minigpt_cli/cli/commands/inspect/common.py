@@ -6,17 +6,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-import minigpt_tokenizers
 from minigpt_cli.cli import ui
 from minigpt_cli.errors import TokenizerError
 from minigpt_cli.run.layout import TOKENIZER_DIR, is_run_dir
-from minigpt_tokenizers import TextSource
+
+if TYPE_CHECKING:
+    from minigpt_tokenizers import TextSource
 
 MAX_PREFIX_DECODE = 2000  # longer texts: decode each token alone instead of by prefixes
 
@@ -57,6 +58,8 @@ def resolve_tokenizer(spec: str, training_text: TextSource | None = None):
     A spec that learns its vocabulary (char, sentencepiece) learns it from
     ``training_text``; without one, that is an error that points to a run directory.
     """
+    import minigpt_tokenizers
+
     path = Path(spec).expanduser()
     if path.is_dir():
         from minigpt_cli.run.load import load_tokenizer

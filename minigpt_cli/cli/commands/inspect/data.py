@@ -13,7 +13,6 @@ from rich.text import Text
 from minigpt_cli.cli import ui
 from minigpt_cli.cli.charts import bar, visible
 from minigpt_cli.cli.commands.inspect.common import emit_json, resolve_tokenizer, token_text
-from minigpt_cli.cli.progress import DataProgress
 from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.run.layout import check_run_dir
 
@@ -50,6 +49,7 @@ def command(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Per split: sizes, lengths of documents or lines, and the most frequent tokens."""
+    from minigpt_cli.cli.progress import DataProgress
     from minigpt_cli.data.resolve import resolve_source
     from minigpt_cli.data.stats import UNITS, split_stats
     from minigpt_cli.run.load import load_config, load_tokenizer

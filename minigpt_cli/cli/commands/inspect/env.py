@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import platform
 import time
-from importlib import metadata
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -75,6 +74,8 @@ def self_test(device: torch.device, precision: Precision) -> dict[str, Any]:
 
 
 def _version(package: str) -> str | None:
+    from importlib import metadata
+
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:

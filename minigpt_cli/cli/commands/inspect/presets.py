@@ -10,7 +10,6 @@ from rich.text import Text
 
 from minigpt_cli.cli import ui
 from minigpt_cli.cli.commands.inspect.common import emit_json
-from minigpt_cli.config import Config, preset_summaries
 
 NAME = "presets"
 EXAMPLES = "Examples:\n\n  minigpt inspect presets\n\n  minigpt inspect presets --json\n"
@@ -21,6 +20,8 @@ def command(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """The built-in presets: what each one trains."""
+    from minigpt_cli.config import Config, preset_summaries
+
     rows = []
     for name, description in preset_summaries():
         cfg = Config.from_preset(name)

@@ -14,8 +14,6 @@ from minigpt_cli.cli import ui
 from minigpt_cli.cli.charts import LineChart, Series
 from minigpt_cli.cli.commands.inspect.common import emit_json, wrote
 from minigpt_cli.errors import CheckpointError
-from minigpt_cli.run.history import read_history
-from minigpt_cli.run.layout import find_latest_run
 
 NAME = "run"
 EXAMPLES = """Examples:
@@ -38,6 +36,9 @@ def command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the series as JSON.")] = False,
 ) -> None:
     """Training and validation loss, learning rate and tokens/s over steps, as charts."""
+    from minigpt_cli.run.history import read_history
+    from minigpt_cli.run.layout import find_latest_run
+
     if run is None:
         try:
             run = find_latest_run()

@@ -10,7 +10,6 @@ from rich.text import Text
 
 from minigpt_cli.cli import ui
 from minigpt_cli.cli.commands.inspect.common import emit_json, resolve_tokenizer, token_pieces
-from minigpt_cli.cli.progress import DataProgress
 
 NAME = "tokenizer"
 SAMPLE_TEXT = "Hello, world! Tokenizers cut text into pieces: naïve café, 3.14159, def f(x):"
@@ -94,6 +93,7 @@ def _opening(source, split: str) -> str:
 
 def _dataset_ratio(source, split: str, tok, show_progress: bool) -> dict[str, Any]:
     """Bytes per token over a whole split, from the token cache (encoded once, then reused)."""
+    from minigpt_cli.cli.progress import DataProgress
     from minigpt_cli.data.token_cache import token_cache
 
     split = source.check_split(split)
