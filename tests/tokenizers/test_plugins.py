@@ -16,7 +16,7 @@ import minigpt_tokenizers as mt
 from minigpt_tokenizers import TokenizerError
 
 SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR")
-              or Path(__file__).resolve().parents[2] / "shared")
+              or Path(__file__).resolve().parents[3] / "shared")
 
 SAMPLES = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -319,6 +319,21 @@ def test_load_with_missing_files(made, tmp_path):
     (tmp_path / "ranks.tiktoken").unlink()
     with pytest.raises(TokenizerError, match="not found"):
         mt.load(tmp_path)
+
+
+def test_a_tokenizer_cannot_read_outside_its_folder(tmp_path):
+    (tmp_path / "secret.tiktoken").write_text("YQ== 0\n")
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    meta = {"name": "tiktoken", "spec": "tiktoken", "pat_str": ".", "special_tokens": {}}
+    for value in ("../secret.tiktoken", str(tmp_path / "secret.tiktoken")):
+        (folder / "tokenizer.json").write_text(json.dumps({**meta, "ranks_file": value}))
+        with pytest.raises(TokenizerError, match="outside|must name"):
+            mt.load(folder)
+    (folder / "tokenizer.json").write_text(json.dumps(meta))  # the default file name ...
+    (folder / "ranks.tiktoken").symlink_to(tmp_path / "secret.tiktoken")  # ... as a link out
+    with pytest.raises(TokenizerError, match="outside"):
+        mt.load(folder)
 
 
 # ---- registry and packaging --------------------------------------------------------------

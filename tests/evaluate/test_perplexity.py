@@ -11,13 +11,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from minigpt_cli.config import ModelConfig
 from minigpt_cli.device import Precision
 from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.evaluate import perplexity as evaluation
 from minigpt_cli.evaluate.perplexity import EvalResult, evaluate
 from minigpt_cli.evaluate.perplexity import scoring_windows as windows
-from minigpt_cli.model.gpt import GPT
 
 FP32 = Precision("fp32", None)
 
@@ -78,11 +76,9 @@ def test_every_token_but_the_first_is_scored_exactly_once(n, seq_len, stride):
         assert all(h >= seq_len - stride for h in late)
 
 
-def test_stride_equal_to_context_is_the_non_overlapping_default():
-    cfg = ModelConfig(vocab_size=40, max_seq_length=12, embed_dim=16, num_heads=2,
-                      num_layers=1, ff_dim=32, dropout=0.0)
-    torch.manual_seed(0)
-    model = GPT(cfg)
+def test_stride_equal_to_context_is_the_non_overlapping_default(toy_gpt):
+    model = toy_gpt(vocab_size=40, max_seq_length=12, embed_dim=16, num_layers=1,
+                    ff_dim=32).train()
     tokens = torch.randint(0, 40, (101,))
     a = run(model, tokens, 12)
     b = run(model, tokens, 12, stride=12)
@@ -108,15 +104,8 @@ def test_too_short_and_bad_arguments_are_user_errors():
         run(Uniform(10), np.arange(10), seq_len=8, stride=0)
 
 
-def _small_gpt() -> GPT:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=257, max_seq_length=32, embed_dim=32, num_heads=2,
-                      num_layers=2, ff_dim=64, dropout=0.0)
-    return GPT(cfg).eval()
-
-
-def test_window_covering_the_text_equals_a_full_sequence_computation():
-    model = _small_gpt()
+def test_window_covering_the_text_equals_a_full_sequence_computation(toy_gpt):
+    model = toy_gpt()
     tokens = torch.randint(0, 257, (25,))  # shorter than the context of 32
     with torch.no_grad():
         _, ref = model(tokens[None, :-1], tokens[None, 1:], reduction="sum")
@@ -127,9 +116,9 @@ def test_window_covering_the_text_equals_a_full_sequence_computation():
 
 
 @pytest.mark.parametrize("seq_len,stride", [(8, 3), (8, 1), (8, 8), (16, 5)])
-def test_sliding_windows_match_hugging_face_reference(seq_len, stride):
+def test_sliding_windows_match_hugging_face_reference(seq_len, stride, toy_gpt):
     """The perplexity guide's loop, written independently, on a small real GPT."""
-    model = _small_gpt()
+    model = toy_gpt()
     tokens = torch.randint(0, 257, (30,))  # the whole text fits in the model's context
     n, max_length = len(tokens), seq_len + 1  # HF's windows hold the label token too
     nll, count, prev_end = 0.0, 0, 0
@@ -154,8 +143,8 @@ def test_sliding_windows_match_hugging_face_reference(seq_len, stride):
     assert res.total_nll == pytest.approx(nll, rel=1e-5)
 
 
-def test_training_mode_is_restored_and_progress_reaches_the_total():
-    model = _small_gpt().train()
+def test_training_mode_is_restored_and_progress_reaches_the_total(toy_gpt):
+    model = toy_gpt().train()
     calls = []
     run(model, torch.randint(0, 257, (100,)), seq_len=32, progress=lambda d, t: calls.append(
         (d, t)))

@@ -11,11 +11,9 @@ from minigpt_cli.run import load
 from minigpt_cli.train.setup import prepare
 from minigpt_cli.train.trainer import TrainingStopped, lr_at
 
-TOY = ["model.max_seq_length=32", "model.embed_dim=32", "model.num_heads=2",
-       "model.num_layers=2", "model.ff_dim=64", "model.dropout=0.1", "train.batch_size=4",
-       "train.log_interval=1", "train.eval_interval=10", "train.eval_iters=2",
-       "train.checkpoint_interval=10", "train.warmup_steps=5", "train.learning_rate=3e-3",
-       "train.device=cpu"]
+TRAIN = ["train.batch_size=4", "train.log_interval=1", "train.eval_interval=10",
+         "train.eval_iters=2", "train.checkpoint_interval=10", "train.warmup_steps=5",
+         "train.learning_rate=3e-3", "train.device=cpu"]
 
 
 @pytest.fixture
@@ -23,8 +21,16 @@ def corpus(write_corpus) -> Path:
     return write_corpus(lines=600)
 
 
-def config(corpus: Path, *extra: str) -> Config:
-    return Config.from_sources("tiny", overrides=[f"data.dataset={corpus}", *TOY, *extra])
+@pytest.fixture(scope="session")
+def trainer_config(toy_config):
+    """``trainer_config(corpus, *extra)``: the tiny preset on ``corpus``, the two-layer toy
+    with dropout 0.1, an evaluation and a checkpoint every 10 steps."""
+    model = toy_config.overrides(dropout=0.1)
+
+    def make(corpus: Path, *extra: str) -> Config:
+        return Config.from_sources("tiny", overrides=[f"data.dataset={corpus}", *model, *TRAIN,
+                                                      *extra])
+    return make
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -40,8 +46,8 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
 
 
-def test_training_lowers_the_loss_and_saves(corpus, tmp_path):
-    run = prepare(config(corpus, "train.max_steps=40"), tmp_path / "run")
+def test_training_lowers_the_loss_and_saves(corpus, trainer_config, tmp_path):
+    run = prepare(trainer_config(corpus, "train.max_steps=40"), tmp_path / "run")
     result = run.trainer.fit()
     assert result.step == 40
     losses = [m["loss"] for m in metrics(run.run_dir) if "loss" in m]
@@ -57,18 +63,18 @@ def test_training_lowers_the_loss_and_saves(corpus, tmp_path):
     assert (run.run_dir / "config.yaml").is_file()
 
 
-def test_existing_run_is_never_overwritten(corpus, tmp_path):
-    run = prepare(config(corpus, "train.max_steps=2"), tmp_path / "run")
+def test_existing_run_is_never_overwritten(corpus, trainer_config, tmp_path):
+    run = prepare(trainer_config(corpus, "train.max_steps=2"), tmp_path / "run")
     run.trainer.fit()
     with pytest.raises(CheckpointError, match="already exists"):
-        prepare(config(corpus, "train.max_steps=2"), tmp_path / "run")
+        prepare(trainer_config(corpus, "train.max_steps=2"), tmp_path / "run")
 
 
-def test_resume_matches_an_uninterrupted_run_exactly(corpus, tmp_path):
-    full = prepare(config(corpus, "train.max_steps=30"), tmp_path / "full")
+def test_resume_matches_an_uninterrupted_run_exactly(corpus, trainer_config, tmp_path):
+    full = prepare(trainer_config(corpus, "train.max_steps=30"), tmp_path / "full")
     full.trainer.fit()
 
-    part = prepare(config(corpus, "train.max_steps=30"), tmp_path / "part")
+    part = prepare(trainer_config(corpus, "train.max_steps=30"), tmp_path / "part")
     stop_at = 13
 
     def stop(event):
@@ -80,7 +86,7 @@ def test_resume_matches_an_uninterrupted_run_exactly(corpus, tmp_path):
         part.trainer.fit()
     assert e.value.step == stop_at
 
-    resumed = prepare(config(corpus, "train.max_steps=30"), tmp_path / "part", resume=True)
+    resumed = prepare(trainer_config(corpus, "train.max_steps=30"), tmp_path / "part", resume=True)
     assert resumed.trainer.step == stop_at
     resumed.trainer.fit()
     strip = [{k: v for k, v in m.items() if k not in ("tokens_per_sec", "elapsed", "mfu")}
@@ -90,32 +96,32 @@ def test_resume_matches_an_uninterrupted_run_exactly(corpus, tmp_path):
     assert again == strip
 
 
-def test_resume_with_a_higher_max_steps_continues(corpus, tmp_path):
-    run = prepare(config(corpus, "train.max_steps=10"), tmp_path / "run")
+def test_resume_with_a_higher_max_steps_continues(corpus, trainer_config, tmp_path):
+    run = prepare(trainer_config(corpus, "train.max_steps=10"), tmp_path / "run")
     run.trainer.fit()
     with pytest.raises(ConfigError, match="already finished"):
-        prepare(config(corpus), tmp_path / "run", resume=True)
-    more = prepare(config(corpus, "train.max_steps=15"), tmp_path / "run", resume=True,
+        prepare(trainer_config(corpus), tmp_path / "run", resume=True)
+    more = prepare(trainer_config(corpus, "train.max_steps=15"), tmp_path / "run", resume=True,
                    changed={"train.max_steps"})
     assert more.trainer.fit().step == 15
 
 
-def test_resume_refuses_another_model_shape(corpus, tmp_path):
-    run = prepare(config(corpus, "train.max_steps=4"), tmp_path / "run")
+def test_resume_refuses_another_model_shape(corpus, trainer_config, tmp_path):
+    run = prepare(trainer_config(corpus, "train.max_steps=4"), tmp_path / "run")
     run.trainer.fit()
     with pytest.raises(ConfigError, match="model.num_layers"):
-        prepare(config(corpus, "model.num_layers=3"), tmp_path / "run", resume=True,
+        prepare(trainer_config(corpus, "model.num_layers=3"), tmp_path / "run", resume=True,
                 changed={"model.num_layers"})
 
 
-def test_resume_with_nothing_to_resume(corpus, tmp_path):
+def test_resume_with_nothing_to_resume(corpus, trainer_config, tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        prepare(config(corpus), tmp_path / "empty", resume=True)
+        prepare(trainer_config(corpus), tmp_path / "empty", resume=True)
 
 
-def test_trains_with_a_tokenizer_from_outside_the_package(corpus, tmp_path,
+def test_trains_with_a_tokenizer_from_outside_the_package(corpus, trainer_config, tmp_path,
                                                           external_tokenizer):
-    run = prepare(config(corpus, "train.max_steps=3", "tokenizer.spec=reverse-byte"),
+    run = prepare(trainer_config(corpus, "train.max_steps=3", "tokenizer.spec=reverse-byte"),
                   tmp_path / "run")
     run.trainer.fit()
     loaded = load.load_run(run.run_dir)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR",
-                             Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR")
+              or Path(__file__).resolve().parents[3] / "shared")
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 GPT2_RANKS = SHARED / "tokenizers" / "gpt2.tiktoken"
 

@@ -1,0 +1,106 @@
+"""``minigpt generate`` and ``minigpt chat`` through the real Typer app, on a toy run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from minigpt_cli.config import Config
+from minigpt_cli.run import checkpoint, layout
+
+pytestmark = pytest.mark.usefixtures("one_thread", "data_home")  # one thread: toy models
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, byte_tok, toy_model, toy_config) -> Path:
+    """A run directory holding ``toy_model`` (untrained) and the byte tokenizer, at step 10."""
+    run = tmp_path_factory.mktemp("runs") / "toy"
+    cfg = Config()
+    cfg.model = toy_config()
+    layout.create_run_dir(run)
+    layout.write_run_files(run, cfg, byte_tok)
+    checkpoint.save_checkpoint(run, 10, toy_model, state={}, training_tensors={}, best=True)
+    return run
+
+
+def test_generate_streams_the_prompt_and_continuation(run_dir, cli):
+    args = ("generate", "--model", run_dir, "--prompt", "Hello", "--max-new-tokens", "10",
+            "--seed", "3")
+    first = cli.invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.startswith("Hello")
+    assert "tokens/s" in first.stderr and "tokens/s" not in first.stdout
+    assert cli.invoke(*args).stdout == first.stdout
+
+
+def test_generate_json_and_several_samples(run_dir, cli):
+    result = cli.invoke("generate", "--model", run_dir, "--prompt", "Hi", "--max-new-tokens", "5",
+                        "--num-samples", "2", "--temperature", "0", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["samples"]) == 2 and report["samples"][0]["num_tokens"] == 5
+    assert report["settings"]["temperature"] == 0 and report["tokens_per_second"] > 0
+    assert report["time_to_first_token_s"] > 0
+    text = cli.invoke("generate", "--model", run_dir, "--prompt", "Hi", "--max-new-tokens", "5",
+                      "--num-samples", "2", "--temperature", "0").stdout
+    assert "sample 1/2" in text and "sample 2/2" in text
+    assert text.count("Hi" + report["samples"][0]["text"]) == 2
+
+
+def test_generate_prints_model_text_literally(run_dir, scripted_reply, cli):
+    scripted_reply("[bold red]x[/] :smile:")
+    result = cli.invoke("generate", "--model", run_dir, "--prompt", "[i]", "--max-new-tokens", "40")
+    assert result.stdout == "[i][bold red]x[/] :smile:\n"
+
+
+def test_generate_reads_stdin_and_stops(run_dir, scripted_reply, cli):
+    scripted_reply("abc STOP def")
+    result = cli.invoke("generate", "--model", run_dir, "--stop", "STOP", input="prompt\n")
+    assert result.stdout == "prompt" + "abc \n"
+    scripted_reply("one\ntwo")
+    result = cli.invoke("generate", "--model", run_dir, "--prompt", "", "--stop", "\\n")
+    assert result.stdout == "one\n"  # '\n' typed in a shell is a newline
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--temperature", "-1"), ("--top-p", "1.5"), ("--top-k", "-3"), ("--min-p", "2"),
+    ("--repetition-penalty", "0"), ("--max-new-tokens", "0"), ("--num-samples", "0"),
+    ("--seed", "-1"),
+])
+def test_generate_rejects_bad_values_before_loading(tmp_path, flag, value, cli):
+    result = cli.invoke("generate", "--model", tmp_path / "nowhere", "--prompt", "x", flag, value)
+    assert result.exit_code == 1
+    assert flag in result.stderr and "nowhere" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chat_command_piped(run_dir, scripted_reply, cli):
+    scripted_reply(" Hello.")
+    result = cli.invoke("chat", "--model", run_dir, "--template", "chat", input="Hi\n/quit\nmore\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Hello.\n"
+
+
+def test_chat_command_reads_messages_until_the_end_of_input(run_dir, scripted_reply, tmp_path, cli):
+    scripted_reply(" Fine [b]thanks[/b].")
+    saved = tmp_path / "t.json"
+    result = cli.invoke("chat", "--model", run_dir, "--template", "chat",
+                        input=f"Hi\nHow are you?\n/save {saved}\nBye")  # no newline at the end
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Fine [b]thanks[/b].\n\n" * 2 + "Fine [b]thanks[/b].\n"
+    raw = json.loads(saved.read_text())
+    assert raw["template"] == "chat" and len(raw["turns"]) == 2
+
+
+def test_chat_command_rejects_stdin_that_is_not_utf8(run_dir, scripted_reply, cli):
+    scripted_reply(" Hello.")
+    result = cli.invoke("chat", "--model", run_dir, input=b"Hi\n\xff\xfe\n")
+    assert result.exit_code == 1
+    assert "not UTF-8" in result.stderr and "Traceback" not in result.output
+
+
+def test_chat_rejects_a_bad_template(run_dir, cli):
+    result = cli.invoke("chat", "--model", run_dir, "--template", "fancy")
+    assert result.exit_code == 1 and "--template" in result.stderr
