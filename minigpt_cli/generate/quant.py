@@ -37,7 +37,7 @@ class DecodingHead:
                     self.mode = "int8"
                     return
                 except RuntimeError:
-                    pass
+                    del self.q, self.scales
             self.t = w.t().contiguous()
             self.mode = "fp32"
 
