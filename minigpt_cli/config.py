@@ -94,6 +94,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the training steps (pays on GPUs, rarely on CPUs)
+    init: str | None = None  # start from these weights: a GPT-2 folder, hf:NAME or a run
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum_steps", "log_interval", "eval_interval",

@@ -55,3 +55,7 @@ class CheckpointError(MiniGPTError):
 
 class DeviceError(MiniGPTError):
     """The requested device is not available."""
+
+
+class ConvertError(MiniGPTError):
+    """A model or tokenizer cannot be exported to, or imported from, another format."""

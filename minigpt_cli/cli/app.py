@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from minigpt_cli import __version__
-from minigpt_cli.cli.commands import chat, evaluate, generate, inspect, train
+from minigpt_cli.cli.commands import chat, convert, evaluate, generate, inspect, train
 
 app = typer.Typer(
     name="minigpt",
@@ -51,6 +51,7 @@ generate.register(app)
 chat.register(app)
 evaluate.register(app)
 inspect.register(app)
+convert.register(app)
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ SETTING_FLAGS = {
     "top_p": "--top-p", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
     "num_samples": "--num-samples", "seed": "--seed", "stop": "--stop",
     "layer": "--layer", "head": "--head", "stride": "--stride", "batch_size": "--batch-size",
-    "model": "--model", "out": "--out", "device": "--device",
+    "model": "--model", "out": "--out", "device": "--device", "format": "--format",
+    "dtype": "--dtype",
 }
 
 # Sampling options, shared with ``minigpt chat``.

@@ -106,8 +106,8 @@ class Engine:
     """A model and its tokenizer, ready to generate; keep one around to reuse its setup.
 
     The model should be in eval mode. On the CPU the engine keeps a copy of the output
-    head, int8 unless ``exact_head`` (see ``DecodingHead``): make a new engine after the
-    weights change.
+    head, int8 unless ``exact_head`` (see ``DecodingHead``); greedy decoding always uses
+    an exact one. Make a new engine after the weights change.
     """
 
     def __init__(self, model: GPT, tokenizer, device: torch.device | str | None = None,
@@ -118,6 +118,7 @@ class Engine:
             model.lm_head.weight.device
         self.context_length = model.config.max_seq_length
         self.head = DecodingHead(model, quantize=not exact_head)
+        self._exact_head = self.head if self.head.mode != "int8" else None
         extra = model.config.vocab_size - tokenizer.vocab_size
         self._vocab_limit = tokenizer.vocab_size if extra > 0 else None
 
@@ -143,7 +144,7 @@ class Engine:
         # torch's default generator starts from a fixed seed in every process: ask the OS
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        lm = CachedLM(self.model, B, head=self.head)
+        lm = CachedLM(self.model, B, head=self._head_for(settings))
         samples = [_Sample(self.tokenizer, settings.stop) for _ in range(B)]
         with torch.inference_mode():
             prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -186,6 +187,15 @@ class Engine:
             samples=[SampleResult("".join(s.parts), s.tokens, s.finish_reason) for s in samples],
             prompt_tokens=len(ids), prompt_cropped=cropped, warnings=warnings, seed=seed,
             generated_tokens=generated, time_to_first_token=ttft or elapsed, elapsed=elapsed)
+
+    def _head_for(self, settings: SamplingSettings) -> DecodingHead:
+        """Greedy decoding takes the exact head: its argmax must be the model's own (as in
+        transformers or llama.cpp), where int8 logits could flip a near tie."""
+        if settings.temperature > 0:
+            return self.head
+        if self._exact_head is None:
+            self._exact_head = DecodingHead(self.model, quantize=False)
+        return self._exact_head
 
     @torch.inference_mode()
     def _sample(self, logits, settings, gen, recent) -> torch.Tensor:

@@ -6,6 +6,7 @@ is reported through the ``progress`` callback as ``(stage, done, total)``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,37 @@ def resume_config(run_dir: Path, requested: Config, changed: set[str]) -> Config
     return merged.validate()
 
 
+def init_source(config: Config, changed: set[str]):
+    """The model ``train.init`` names, with ``config`` made to fit it: the model's shape and
+    tokenizer come from the source. Besides, ``model.dropout`` may be set, and
+    ``model.max_seq_length`` lowered (the position embedding is cropped)."""
+    from minigpt_cli.convert.importing import resolve
+
+    start = resolve(config.train.init)
+    free = {"model.dropout", "model.max_seq_length"}
+    fixed = sorted(k for k in changed if (k.startswith("model.") and k not in free)
+                   or k == "tokenizer.spec")
+    if fixed:
+        raise ConfigError(f"{fixed[0]} comes from {start.name} when training from it "
+                          "(train.init)", "leave it out: only model.dropout, a shorter "
+                          "model.max_seq_length and the train and data settings can change")
+    context = start.model.max_seq_length
+    if "model.max_seq_length" in changed:
+        if config.model.max_seq_length > context:
+            raise ConfigError(f"model.max_seq_length {config.model.max_seq_length} is longer "
+                              f"than {start.name}'s context ({context})",
+                              f"use at most {context}")
+        context = config.model.max_seq_length
+        start.state_dict["transformer.wpe.weight"] = \
+            start.state_dict["transformer.wpe.weight"][:context].clone()
+    dropout = config.model.dropout if "model.dropout" in changed else start.model.dropout
+    start.model = dataclasses.replace(start.model, dropout=dropout, max_seq_length=context)
+    config.model = start.model
+    config.tokenizer.spec = start.tokenizer.spec
+    config.validate()
+    return start
+
+
 def prepare(config: Config, out: Path | None, resume: bool = False,
             changed: set[str] = frozenset(), callbacks: list[Callback] = (),
             progress: Progress | None = None) -> PreparedRun:
@@ -112,9 +144,15 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     configure_backends(device)
     torch.manual_seed(config.train.seed)
 
+    start = None  # the model to start from (train.init), for a new run
+    if config.train.init and not resume:
+        report(f"loading {config.train.init}", 0, 0)
+        start = init_source(config, changed)
     source = resolve_source(config.data.dataset, config.data.val_fraction)
     if resume:
         tokenizer = load_tokenizer(out)
+    elif start is not None:
+        tokenizer = start.tokenizer
     else:
         report(f"preparing tokenizer {config.tokenizer.spec}", 0, 0)
         tokenizer = minigpt_tokenizers.create(config.tokenizer.spec,
@@ -139,7 +177,7 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
         run_dir = layout.create_run_dir(out)
         layout.write_run_files(run_dir, config, tokenizer)
 
-    model = GPT(config.model).to(device)
+    model = (GPT(config.model) if start is None else start.build(config.model)).to(device)
     metrics = MetricsLog(run_dir)
     trainer = Trainer(model, config.train, splits["train"].tokens, splits["val"].tokens,
                       config.model.max_seq_length, device, precision, run_dir,

@@ -138,6 +138,16 @@ class TiktokenTokenizer(Tokenizer):
         return cls(f"tiktoken:{arg}", _build(name, pat, ranks, specials, n_vocab))
 
     @classmethod
+    def from_ranks(cls, spec: str, name: str, ranks: dict[bytes, int], pat_str: str = R50K_PAT,
+                   special_tokens: dict[str, int] | None = None) -> TiktokenTokenizer:
+        """Build from ranks held in memory (a tokenizer imported from another format);
+        end-of-text goes after the last id when ``special_tokens`` has none."""
+        specials = dict(special_tokens or {})
+        if EOT not in specials:
+            specials[EOT] = max(max(ranks.values()), *specials.values(), 0) + 1
+        return cls(spec, _build(name, pat_str, ranks, specials))
+
+    @classmethod
     def load(cls, directory: Path, meta: dict) -> TiktokenTokenizer:
         ranks, _ = _read_ranks(directory / meta.get("ranks_file", RANKS_FILE))
         try:

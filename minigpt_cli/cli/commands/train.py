@@ -51,6 +51,9 @@ def train(
         "--compile/--no-compile",
         help="torch.compile the model (faster steps on GPUs after a warm-up of a minute or "
              "so; rarely pays on CPUs).")] = None,
+    init: Annotated[str | None, typer.Option(
+        help="Start from these weights (and their tokenizer): a Hugging Face GPT-2 folder, "
+             "hf:NAME or a minigpt run.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> None:
     """Train a GPT from a preset or config file, with live progress and checkpoints."""
@@ -65,7 +68,7 @@ def train(
     for key, value in (("data.dataset", dataset), ("tokenizer.spec", tokenizer),
                        ("train.max_steps", max_steps), ("train.epochs", epochs),
                        ("train.seed", seed), ("train.device", device),
-                       ("train.compile", compile_)):
+                       ("train.compile", compile_), ("train.init", init)):
         if value is not None:
             overrides.append(f"{key}={_yaml_scalar(value)}")
     cfg = Config.from_sources(preset, config, overrides)

@@ -1,0 +1,74 @@
+"""``minigpt export`` and ``minigpt import``: models to and from Hugging Face and GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from minigpt_cli.cli import ui
+from minigpt_cli.cli.options import ModelDir
+
+EXPORT_EXAMPLES = """Examples:
+
+  minigpt export --model runs/tiny --format hf --out exported/tiny
+
+  minigpt export --model runs/tiny --format gguf --out tiny.gguf --dtype q8_0
+"""
+IMPORT_EXAMPLES = """Examples:
+
+  minigpt import path/to/gpt2-folder --out runs/gpt2    # save_pretrained's output
+
+  minigpt import hf:openai-community/gpt2 --out runs/gpt2
+
+  minigpt train --init hf:openai-community/gpt2 --dataset mytext.txt --preset gpt2-finetune
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export", epilog=EXPORT_EXAMPLES)(export_)
+    app.command("import", epilog=IMPORT_EXAMPLES)(import_)
+
+
+@ui.guarded
+def export_(
+    out: Annotated[Path, typer.Option(help="Where to write: a new folder (hf) or a new "
+                                           ".gguf file (gguf).")],
+    model: ModelDir = None,
+    format_: Annotated[str, typer.Option(
+        "--format", help="hf: a Hugging Face transformers folder; gguf: a file for llama.cpp "
+                         "and ollama.")] = "hf",
+    dtype: Annotated[str, typer.Option(help="Weights of a gguf file: f32, f16 or q8_0.")
+                     ] = "f32",
+) -> None:
+    """Export a trained run for Hugging Face transformers or llama.cpp (GGUF)."""
+    from minigpt_cli.convert.export import check_out, export
+    from minigpt_cli.run.load import load_run
+
+    check_out(out, format_)  # before loading anything
+    run = load_run(model, "cpu")
+    path = export(run, out, format_, dtype)
+    ui.console.print(f"Exported {run.run_dir} (step {run.state.get('step', 0):,}) to "
+                     f"[bold]{path}[/].")
+    if format_ == "hf":
+        hint = f"AutoModelForCausalLM.from_pretrained({str(path)!r})"
+    else:
+        hint = f"llama-cli -m {path}  ·  ollama create NAME -f Modelfile (FROM ./{path.name})"
+    ui.err_console.print(Text(f"Load it with: {hint}", style="dim"), soft_wrap=True)
+
+
+@ui.guarded
+def import_(
+    source: Annotated[str, typer.Argument(
+        help="A Hugging Face GPT-2 folder, hf:NAME (from the Hub), or a minigpt run.")],
+    out: Annotated[Path, typer.Option(help="The new run directory.")],
+) -> None:
+    """Import a GPT-2-family checkpoint as a run that generate, chat, eval and export use."""
+    from minigpt_cli.convert.importing import import_run
+
+    path = import_run(source, out)
+    ui.console.print(f"Imported {source} into [bold]{path}[/].")
+    ui.err_console.print(Text(f"Next: minigpt chat --model {path}  ·  minigpt train --init "
+                              f"{path} --dataset FILE", style="dim"), soft_wrap=True)
