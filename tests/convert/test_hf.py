@@ -274,3 +274,24 @@ def test_bad_input_is_one_line_and_leaves_nothing(args, says, tmp_path, monkeypa
     assert len(err.splitlines()) == 1 and err.startswith("Error:") and says in err, err
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_hf_sources_download_through_the_hub_client(tmp_path, monkeypatch):
+    """hf:NAME asks huggingface_hub for the model's files (no network here: the client is
+    stood in for); a failure is one line."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    folder = random_gpt2(tmp_path / "gpt2")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        if repo_id != "someone/gpt2":
+            raise OSError("404 Client Error: Repository Not Found\nmore")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    src = resolve("hf:someone/gpt2")
+    assert src.name == "hf:someone/gpt2" and src.model.embed_dim == 32
+    assert asked[0][0] == "someone/gpt2" and "config.json" in asked[0][1]
+    with pytest.raises(Exception, match="cannot get nobody/x from the Hugging Face Hub: 404"):
+        resolve("hf:nobody/x")
