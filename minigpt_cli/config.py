@@ -95,6 +95,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the training steps (pays on GPUs, rarely on CPUs)
     init: str | None = None  # start from these weights: a GPT-2 folder, hf:NAME or a run
+    strategy: str = "ddp"  # in several processes: ddp (replicas) | fsdp (sharded, FSDP2)
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum_steps", "log_interval", "eval_interval",
@@ -115,6 +116,8 @@ class TrainConfig:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or mps, got '{dev}'")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.strategy must be ddp or fsdp, got '{self.strategy}'")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(
                 f"train.precision must be auto, fp32, bf16 or fp16, got '{self.precision}'"

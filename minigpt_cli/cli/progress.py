@@ -71,6 +71,9 @@ class TrainingView:
         summary = (f"{self.num_params:,} parameters · {human_count(e.train_tokens)} "
                    f"train / {human_count(e.val_tokens)} val tokens · {e.tokens_per_step:,} "
                    f"tokens/step · {e.steps_per_epoch:,.0f} steps/epoch")
+        if e.world_size > 1:
+            summary += (f" · global batch {e.global_batch} ({e.global_batch // e.world_size} "
+                        f"a rank x {e.world_size} processes)")
         if self.live_mode:
             self.console.print(f"[dim]{summary}[/]")
             self._live = Live(self._render(), console=self.console, refresh_per_second=4,

@@ -4,6 +4,11 @@ Training walks non-overlapping windows in a fresh random order each epoch, shift
 random offset per epoch so window boundaries move. The order depends only on the seed and
 the epoch, and the sampler's whole state is how many windows it has handed out: a resumed
 run sees exactly the batches the uninterrupted run would have seen.
+
+In several processes every rank walks the same global order: each batch of the job is
+``world_size`` consecutive batches of it, and rank ``r`` takes the ``r``-th. ``consumed``
+counts windows of the whole job, so it is the same on every rank, and a job of W ranks with
+batch B sees, step by step, the windows one process with batch W x B sees.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import torch
 
 
 class WindowSampler:
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        assert 0 <= rank < world_size
         assert len(tokens) > seq_len, "check_length() guards this"
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.n_windows = (len(tokens) - 1) // seq_len
         self.slack = (len(tokens) - 1) - self.n_windows * seq_len
         self.consumed = 0
@@ -38,10 +46,11 @@ class WindowSampler:
 
     def next_starts(self, batch_size: int) -> np.ndarray:
         out = np.empty(batch_size, dtype=np.int64)
+        first = self.consumed + self.rank * batch_size  # this rank's share of the job's batch
         for i in range(batch_size):
-            epoch, idx = divmod(self.consumed, self.n_windows)
+            epoch, idx = divmod(first + i, self.n_windows)
             out[i] = self._starts_for(epoch)[idx]
-            self.consumed += 1
+        self.consumed += batch_size * self.world_size
         return out
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

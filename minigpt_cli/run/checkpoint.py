@@ -118,20 +118,27 @@ def resume_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
                           f"it stopped before its first one: remove {run_dir} and train again")
 
 
-def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict[str, Any],
-                    training_tensors: dict[str, torch.Tensor], best: bool,
-                    keep_last: int = 0) -> Path:
-    """Write weights, training tensors and ``state`` for ``step``; update the pointers; keep
+def step_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` goes."""
+    return run_dir / CKPT_DIR / f"step-{step:07d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, model: GPT | dict[str, torch.Tensor],
+                    state: dict[str, Any], training_tensors: dict[str, torch.Tensor],
+                    best: bool, keep_last: int = 0) -> Path:
+    """Write weights (of ``model``, or a state dict: a sharded model's, gathered), training
+    tensors and ``state`` for ``step``; update the pointers; keep
     the latest, the best and ``keep_last`` older checkpoints. A failure to write (a full
     disk, say) is a ``CheckpointError`` and leaves the previous checkpoint as it was."""
     ckpts = run_dir / CKPT_DIR
-    final = ckpts / f"step-{step:07d}"
+    final = step_dir(run_dir, step)
     tmp: Path | None = None
     try:
         ckpts.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=ckpts, prefix=_LEFTOVER[0]))
         tmp.chmod(DIR_MODE)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+        sd = model if isinstance(model, dict) else model.state_dict()
+        weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()
                    if k not in TIED_KEYS}
         if not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
             raise CheckpointError(f"the weights at step {step} are not finite (training "
@@ -258,6 +265,16 @@ def _load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, t
                               "restore it or retrain the run") from e
 
 
+def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, checked against its manifest (the tied head included)."""
+    verify(ckpt, MODEL_FILE)
+    weights = _load_tensors(ckpt / MODEL_FILE)
+    if "transformer.wte.weight" in weights:
+        for key in TIED_KEYS:
+            weights.setdefault(key, weights["transformer.wte.weight"])
+    return weights
+
+
 def load_weights(model: GPT, ckpt: Path) -> None:
     verify(ckpt, MODEL_FILE)
     weights = _load_tensors(ckpt / MODEL_FILE)
@@ -282,7 +299,11 @@ def load_training_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 # ---- optimizer state as plain tensors + JSON ------------------------------------------------
 
 def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+    return flatten_optimizer_state(opt.state_dict())
+
+
+def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict (numbered parameters) as tensors and JSON."""
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for key, val in st.items():

@@ -18,6 +18,8 @@ class Started:
     tokens_per_step: int
     train_tokens: int
     val_tokens: int
+    global_batch: int = 0  # windows per step: batch x grad_accum x world size
+    world_size: int = 1
 
 
 @dataclass
@@ -60,19 +62,25 @@ Callback = Callable[[Event], None]
 
 
 class MetricsWriter:
-    """A callback that records ``Logged`` and ``Validated`` events in ``metrics.jsonl``."""
+    """A callback that records ``Logged`` and ``Validated`` events in ``metrics.jsonl``,
+    each training record with the job's global batch and number of processes."""
 
     def __init__(self, log: MetricsLog):
         self.log = log
+        self.batch: dict[str, int] = {}
 
     def __call__(self, event: Event) -> None:
         record: dict[str, Any]
+        if isinstance(event, Started):
+            self.batch = {"global_batch": event.global_batch, "world_size": event.world_size}
+            return
         if isinstance(event, Logged):
             record = {"step": event.step, "loss": round(event.loss, 6), "lr": event.lr,
                       "tokens_per_sec": round(event.tokens_per_sec, 1),
                       "epoch": round(event.epoch, 4), "elapsed": round(event.elapsed, 2)}
             if event.mfu is not None:
                 record["mfu"] = round(event.mfu, 4)
+            record.update(self.batch)
         elif isinstance(event, Validated):
             record = {"step": event.step, "val_loss": round(event.val_loss, 6)}
         else:

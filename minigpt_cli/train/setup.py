@@ -1,6 +1,9 @@
 """Everything ``minigpt train`` does before the loop starts: config, tokenizer, data,
 run directory, model and trainer, for a new run or one being resumed. No printing: progress
 is reported through the ``progress`` callback as ``(stage, done, total)``.
+
+In several processes rank 0 does the work that writes (tokenizer, token cache, run
+directory) while the others wait; then every rank builds the same model and its trainer.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from minigpt_cli.run import checkpoint as ckpt
 from minigpt_cli.run import layout
 from minigpt_cli.run.history import MetricsLog
 from minigpt_cli.run.load import load_config, load_tokenizer
+from minigpt_cli.train import distributed
 from minigpt_cli.train.events import Callback, MetricsWriter
 from minigpt_cli.train.trainer import Trainer
 
@@ -35,7 +39,7 @@ Progress = Callable[[str, int, int], None]
 
 # Settings a resumed run may change; anything else would not continue the same run.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "log_interval", "eval_interval", "eval_iters",
-                     "checkpoint_interval", "keep_last", "device", "precision"}
+                     "checkpoint_interval", "keep_last", "device", "precision", "strategy"}
 
 
 @dataclass
@@ -127,7 +131,37 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
             changed: set[str] = frozenset(), callbacks: list[Callback] = (),
             progress: Progress | None = None) -> PreparedRun:
     """Set up a run. With ``resume``, ``out`` is an existing run and ``changed`` the keys the
-    user set on the command line; the run's saved config is used otherwise."""
+    user set on the command line; the run's saved config is used otherwise.
+
+    Launched by torchrun, this joins the process group first; ``callbacks`` and
+    ``progress`` then only matter on rank 0, the one that reports."""
+    device = select_device(config.train.device)
+    dist, device = distributed.init(device)
+    if not dist.enabled:
+        return _build(*_prepare_data(config, out, resume, changed, progress), resume, device,
+                      callbacks)
+    if dist.is_main:
+        try:
+            prepared = _prepare_data(config, out, resume, changed, progress)
+        except BaseException:
+            distributed.share_from_main(None)  # the others leave; rank 0 says why
+            raise
+        distributed.share_from_main((prepared[0].to_dict(), prepared[1], prepared[4]))
+        return _build(*prepared, resume, device, callbacks)
+    shared = distributed.share_from_main()
+    if shared is None:
+        raise distributed.RankFailed(f"rank {dist.rank}: rank 0 failed to set up the run")
+    raw, run_dir, resumed_from = shared
+    config = Config.from_dict(raw).validate()  # rank 0's, with the changes of a resume
+    tokenizer = load_tokenizer(run_dir)
+    source = resolve_source(config.data.dataset, config.data.val_fraction)
+    splits = {split: token_cache(source, split, tokenizer) for split in ("train", "val")}
+    return _build(config, run_dir, tokenizer, splits, resumed_from, [], None, resume, device, [])
+
+
+def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[str],
+                  progress: Progress | None):
+    """Config, tokenizer, token caches and run directory: everything that writes."""
     report = progress or (lambda stage, done, total: None)
     resumed_from, notes = None, []
     if resume:
@@ -139,11 +173,6 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
         absolutize_dataset(config)
         out = out or default_run_dir(config)
         layout.check_new_run_dir(out)  # before any work: an existing run is never overwritten
-    device = select_device(config.train.device)
-    precision = select_precision(config.train.precision, device)
-    configure_backends(device)
-    torch.manual_seed(config.train.seed)
-
     start = None  # the model to start from (train.init), for a new run
     if config.train.init and not resume:
         report(f"loading {config.train.init}", 0, 0)
@@ -176,13 +205,37 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     else:
         run_dir = layout.create_run_dir(out)
         layout.write_run_files(run_dir, config, tokenizer)
+    return config, run_dir, tokenizer, splits, resumed_from, notes, start
+
+
+def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path | None,
+           notes: list[str], start, resume: bool, device: torch.device,
+           callbacks: list[Callback]) -> PreparedRun:
+    """The model and its trainer, restored from ``resumed_from``; on every rank."""
+    dist = distributed.info()
+    precision = select_precision(config.train.precision, device)
+    configure_backends(device)
+    torch.manual_seed(config.train.seed)
+    if dist.enabled:
+        per_step = config.train.batch_size * config.train.grad_accum_steps * dist.world_size
+        windows = (len(splits["train"].tokens) - 1) // config.model.max_seq_length
+        if per_step > windows:
+            raise ConfigError(f"train.batch_size x train.grad_accum_steps x {dist.world_size} "
+                              f"processes is {per_step} windows a step, more than the "
+                              f"{windows} of the training data",
+                              "lower train.batch_size or use fewer processes")
 
     model = (GPT(config.model) if start is None else start.build(config.model)).to(device)
+    if dist.enabled:
+        distributed.broadcast_module(model)  # rank 0's weights (train.init) everywhere
+        torch.manual_seed(config.train.seed + dist.rank)  # each rank its own dropout
     metrics = MetricsLog(run_dir)
+    fpt = flops.flops_per_token(model)
+    peak = flops.peak_flops(device, precision) if dist.is_main else None
+    reporters = [MetricsWriter(metrics), *callbacks] if dist.is_main else []
     trainer = Trainer(model, config.train, splits["train"].tokens, splits["val"].tokens,
-                      config.model.max_seq_length, device, precision, run_dir,
-                      [MetricsWriter(metrics), *callbacks], flops.flops_per_token(model),
-                      flops.peak_flops(device, precision))
+                      config.model.max_seq_length, device, precision, run_dir, reporters,
+                      fpt, peak)
     if resumed_from is not None:
         trainer.restore(resumed_from)
         saved_windows = ckpt.read_state(resumed_from)["sampler"].get("n_windows")
@@ -193,6 +246,7 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
         if trainer.step >= trainer.total_steps:
             raise ConfigError(f"{run_dir} already finished its {trainer.total_steps} steps",
                               "raise train.max_steps (or train.epochs) to train further")
-        metrics.truncate_after(trainer.step)
-        atomic_write_text(run_dir / layout.CONFIG_FILE, config.to_yaml())  # applied changes
+        if dist.is_main:
+            metrics.truncate_after(trainer.step)
+            atomic_write_text(run_dir / layout.CONFIG_FILE, config.to_yaml())  # changes
     return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from, notes)
