@@ -362,3 +362,11 @@ def test_plugins_raise_minigpts_own_error():
     assert TokenizerError is __import__("minigpt_cli.errors").errors.TokenizerError
     with pytest.raises(MiniGPTError, match="unknown tokenizer"):
         mt.create("no-such-tokenizer")
+
+
+def test_ranks_without_special_tokens_get_end_of_text_after_the_last_rank():
+    from minigpt_tokenizers.tiktoken_bpe import EOT, R50K_PAT, _build
+
+    ranks = {bytes([b]): b for b in range(256)}
+    enc = _build("bytes-only", R50K_PAT, ranks, {})
+    assert enc.encode(EOT, allowed_special="all") == [256] and enc.n_vocab == 257

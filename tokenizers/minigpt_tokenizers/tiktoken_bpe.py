@@ -89,7 +89,7 @@ def _build(name: str, pat_str: str, ranks: dict[bytes, int], special_tokens: dic
     import tiktoken
 
     if EOT not in special_tokens:  # every minigpt tokenizer needs an end-of-text token
-        top = max(max(ranks.values()), *special_tokens.values())
+        top = max([*ranks.values(), *special_tokens.values()])
         special_tokens, n_vocab = {**special_tokens, EOT: top + 1}, None
     try:
         return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks,
