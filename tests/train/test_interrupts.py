@@ -134,9 +134,23 @@ def _checkpointed(run_dir: Path) -> int:
 
 def _interrupt(proc: subprocess.Popen, run_dir: Path, at_step: int, how: str,
                rng: random.Random, tag: str) -> tuple[int, str]:
-    """Wait until training reaches ``at_step`` (and has a checkpoint), then interrupt."""
+    """Wait until this process has trained to ``at_step`` (and there is a checkpoint), then
+    interrupt. A resumed process counts only steps it logged itself: records left from the
+    last session (past its checkpoint) must not make it look further on than it is, or the
+    signal would land while Python is still starting."""
+    started_ns = time.time_ns()
+    at_step = max(at_step, _checkpointed(run_dir) + 1)
+    metrics = run_dir / "metrics.jsonl"
+
+    def logged_here() -> int:
+        try:
+            fresh = metrics.stat().st_mtime_ns >= started_ns
+        except FileNotFoundError:
+            return 0
+        return _progress(run_dir) if fresh else 0
+
     deadline = time.monotonic() + 120
-    while _progress(run_dir) < at_step or _checkpointed(run_dir) == 0:
+    while logged_here() < at_step or _checkpointed(run_dir) == 0:
         assert proc.poll() is None, (tag, proc.communicate())
         assert time.monotonic() < deadline, f"{tag}: training did not get going"
         time.sleep(POLL_S)
