@@ -303,7 +303,10 @@ class Trainer:
         last_log_time, last_log_step = session_start, self.step
         loss = lr = None
         while self.step < self.total_steps:
-            if distributed.any_rank(self._stop, self.device):  # all ranks stop at one step
+            # All ranks stop at one step. In several processes they agree on it at log steps
+            # only (one all-reduce, a host sync on GPUs, per log interval instead of per step).
+            check = not self.dist.enabled or self.step % cfg.log_interval == 0
+            if check and distributed.any_rank(self._stop, self.device):
                 if self._saved_step == self.step:
                     raise TrainingStopped(self.step, self.last_checkpoint)
                 if loss is not None:
