@@ -22,6 +22,11 @@ from minigpt_cli.errors import ConfigError
 PRESETS_PACKAGE = "minigpt_presets"
 
 
+POSITIONS = ("learned", "rope")  # the variants gpt.py maps to modules
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int | None = None  # None: take the tokenizer's vocabulary size
@@ -29,15 +34,26 @@ class ModelConfig:
     embed_dim: int = 256
     num_heads: int = 8
     num_layers: int = 4
-    ff_dim: int = 1024
+    ff_dim: int | None = 1024  # None: 4 x embed_dim (gelu) or about 8/3 x (swiglu)
     dropout: float = 0.1
     bias: bool = True
+    # The architecture: GPT-2's by default, Llama's with rope, rmsnorm, swiglu and fewer
+    # kv heads.
+    position: str = "learned"  # learned (an embedding per position) | rope (rotary)
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu
+    num_kv_heads: int | None = None  # None: num_heads; fewer: grouped-query attention
+    tie_embeddings: bool = True  # the output head is the token embedding
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    norm_eps: float = 1e-5
 
     def validate(self) -> None:
-        for key in ("max_seq_length", "embed_dim", "num_heads", "num_layers", "ff_dim"):
+        for key in ("max_seq_length", "embed_dim", "num_heads", "num_layers"):
             _positive(f"model.{key}", getattr(self, key))
-        if self.vocab_size is not None:
-            _positive("model.vocab_size", self.vocab_size)
+        for key in ("vocab_size", "ff_dim", "num_kv_heads"):
+            if getattr(self, key) is not None:
+                _positive(f"model.{key}", getattr(self, key))
         if self.embed_dim % self.num_heads:
             raise ConfigError(
                 f"model.embed_dim ({self.embed_dim}) must be divisible by "
@@ -45,10 +61,38 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for key, names in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, key) not in names:
+                raise ConfigError(f"model.{key} must be {' or '.join(names)}, "
+                                  f"got '{getattr(self, key)}'")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by "
+                              f"model.num_kv_heads ({self.kv_heads})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.position rope needs an even head dimension, got "
+                              f"{self.head_dim} (model.embed_dim / model.num_heads)")
+        _positive("model.rope_theta", self.rope_theta)
+        _positive("model.norm_eps", self.norm_eps)
+        if self.ff_dim is None:
+            self.ff_dim = self.ff_width
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ff_width(self) -> int:
+        """``ff_dim``, or its usual size: 4 x embed_dim for GELU; for SwiGLU 8/3 x, which
+        keeps its three matrices at the parameters of GELU's two, rounded up to 64."""
+        if self.ff_dim is not None:
+            return self.ff_dim
+        if self.mlp == "swiglu":
+            return -(-8 * self.embed_dim // 3 // 64) * 64
+        return 4 * self.embed_dim
 
 
 @dataclass

@@ -34,10 +34,14 @@ GPU_PEAKS: list[tuple[str, float, float]] = [
 
 def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 per weight (forward and backward; the tied head counted
-    once, the position embeddings not at all) plus the attention scores (PaLM's estimate,
-    as nanoGPT uses)."""
+    once, the position embeddings and an untied token embedding, which are lookups, not
+    at all) plus the attention scores (PaLM's estimate, as nanoGPT uses; with fewer kv
+    heads the scores cost the same)."""
     cfg = model.config
-    weights = model.num_params() - model.transformer.wpe.weight.numel()
+    lookups = [model.transformer.wpe] if "wpe" in model.transformer else []
+    if not model.tied:
+        lookups.append(model.transformer.wte)
+    weights = model.num_params() - sum(m.weight.numel() for m in lookups)
     return transformer_flops_per_token(weights, cfg.num_layers, cfg.max_seq_length,
                                        cfg.embed_dim)
 

@@ -3,7 +3,11 @@
 Written bottom-up in nanoGPT's spirit, with GPT-2's parameter names so weights map one to
 one onto GPT-2 checkpoints. The fast paths it calls (CPU dropout, written-out attention,
 the chunked head loss) live in ``kernels.py``. Shapes use B (batch), T (time),
-C (embed_dim), H (heads), D (head_dim), V (vocab). No I/O and no printing here.
+C (embed_dim), H (heads), K (kv heads), D (head_dim), V (vocab). No I/O and no printing.
+
+The config may name Llama's parts instead (``model.position: rope``, ``model.norm:
+rmsnorm``, ``model.mlp: swiglu``, ``model.num_kv_heads``): the mappings below turn the
+names into modules from ``layers.py``, so ``Block`` composes them and never branches.
 """
 
 from __future__ import annotations
@@ -16,21 +20,22 @@ import torch.nn as nn
 
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.model.kernels import Dropout, attention, head_cross_entropy
+from minigpt_cli.model.layers import NoRotation, RMSNorm, Rotary, SwiGLU
 
 
 @dataclass
 class LayerCache:
     """Keys and values of one attention layer for incremental decoding."""
 
-    k: torch.Tensor  # (B, H, T_max, D)
-    v: torch.Tensor  # (B, H, T_max, D)
+    k: torch.Tensor  # (B, K, T_max, D): only the kv heads
+    v: torch.Tensor  # (B, K, T_max, D)
 
 
 class KVCache:
     """Pre-allocated keys/values for every layer; ``length`` tokens are filled."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype):
-        shape = (batch_size, cfg.num_heads, cfg.max_seq_length, cfg.head_dim)
+        shape = (batch_size, cfg.kv_heads, cfg.max_seq_length, cfg.head_dim)
         self.layers = [
             LayerCache(torch.empty(shape, device=device, dtype=dtype),
                        torch.empty(shape, device=device, dtype=dtype))
@@ -43,25 +48,44 @@ class KVCache:
         self.length = 0
 
 
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    return NORMS[cfg.norm](cfg, dim or cfg.embed_dim)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_attn = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.bias)
+        self.num_heads, self.kv_heads, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        # queries, then the keys and values of the kv heads (each shared by H / K queries)
+        self.sizes = (cfg.embed_dim, self.kv_heads * D, self.kv_heads * D)
+        self.c_attn = nn.Linear(cfg.embed_dim, sum(self.sizes), bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.bias)
         self.resid_dropout = Dropout(cfg.dropout)
-        self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
+        self.q_norm, self.k_norm = ((make_norm(cfg, D), make_norm(cfg, D)) if cfg.qk_norm
+                                    else (nn.Identity(), nn.Identity()))
+        self.rotary = POSITIONS[cfg.position](cfg)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of ``x`` (B, T, C), each (B, H, T, D)."""
+    def qkv(self, x: torch.Tensor, start: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, K, T, D) of ``x`` (B, T, C), whose
+        first token sits at position ``start``."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        return tuple(t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        q = self.q_norm(q.view(B, T, self.num_heads, -1)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, self.kv_heads, -1)).transpose(1, 2)
+        q, k = self.rotary(q, k, start)
+        return q, k, v.view(B, T, self.kv_heads, -1).transpose(1, 2)
+
+    def share_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, K, S, D) keys or values as (B, H, S, D): query head h reads kv head h // (H/K)."""
+        groups = self.num_heads // self.kv_heads
+        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
                 start: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, start)
         mask, causal = None, True
         if cache is not None:
             cache.k[:B, :, start:start + T] = k
@@ -71,6 +95,7 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 if T > 1:  # new queries see all cached keys plus their own past
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        k, v = self.share_kv(k), self.share_kv(v)
         y = attention(q, k, v, mask, causal, self.dropout, self.training)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -79,6 +104,7 @@ class CausalSelfAttention(nn.Module):
         """The attention weights (B, H, T, T) that ``forward`` applies to the values: row i
         of a head says how much query i attends to each key j <= i (it sums to one)."""
         q, k, _ = self.qkv(x)
+        k = self.share_kv(k)
         T = q.size(-2)
         scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -88,22 +114,37 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.embed_dim, cfg.ff_dim, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.embed_dim, cfg.ff_width, bias=cfg.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(cfg.ff_dim, cfg.embed_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.ff_width, cfg.embed_dim, bias=cfg.bias)
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+# The variants a config names (config.POSITIONS, NORMS, MLPS), as modules.
+POSITIONS = {
+    "learned": lambda cfg: NoRotation(),  # GPT.transformer.wpe adds them to the input
+    "rope": lambda cfg: Rotary(cfg.head_dim, cfg.max_seq_length, cfg.rope_theta),
+}
+NORMS = {
+    "layernorm": lambda cfg, dim: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias),
+    "rmsnorm": lambda cfg, dim: RMSNorm(dim, eps=cfg.norm_eps),
+}
+MLPS = {
+    "gelu": MLP,
+    "swiglu": lambda cfg: SwiGLU(cfg.embed_dim, cfg.ff_width, cfg.bias, cfg.dropout),
+}
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
                 start: int = 0) -> torch.Tensor:
@@ -125,10 +166,13 @@ class GPT(nn.Module):
             wpe=nn.Embedding(cfg.max_seq_length, cfg.embed_dim),
             drop=Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)]),
-            ln_f=nn.LayerNorm(cfg.embed_dim, bias=cfg.bias),
+            ln_f=make_norm(cfg),
         ))
+        if cfg.position != "learned":  # rotary positions live in the attention
+            del self.transformer["wpe"]
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
         self._head_loss = head_cross_entropy
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by depth so the residual stream stays unit-size
@@ -149,11 +193,15 @@ class GPT(nn.Module):
         """Exact count of trainable numbers; the tied head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.transformer.wte.weight
+
     def param_groups_breakdown(self) -> dict[str, int]:
         """Parameter counts per component, for ``inspect model``."""
         out = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0}
         for name, p in self.named_parameters():
-            if ".wte." in f".{name}" or ".wpe." in f".{name}":
+            if ".wte." in f".{name}" or ".wpe." in f".{name}" or name.startswith("lm_head"):
                 out["embeddings"] += p.numel()
             elif ".attn." in name:
                 out["attention"] += p.numel()
@@ -175,8 +223,11 @@ class GPT(nn.Module):
         T = idx.size(1)
         assert start + T <= self.config.max_seq_length, (
             f"sequence of {start + T} exceeds context {self.config.max_seq_length}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(pos)
+        return self.transformer.drop(x)
 
     def features(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final hidden states (B, T, C) that the head turns into logits.

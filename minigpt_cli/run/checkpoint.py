@@ -52,6 +52,14 @@ def _sha256(path: Path) -> str:
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
+def _tied(sd: dict[str, torch.Tensor], key: str) -> bool:
+    """Whether ``key`` is the token embedding under a second name (a tied head; in a
+    gathered state dict it may be an equal copy)."""
+    wte, t = sd.get("transformer.wte.weight"), sd[key]
+    return wte is not None and t.shape == wte.shape and (
+        t.data_ptr() == wte.data_ptr() or bool(torch.equal(t.cpu(), wte.cpu())))
+
+
 def _step_of(name: str) -> int | None:
     m = _STEP_DIR.match(name)
     return int(m[1]) if m else None
@@ -139,7 +147,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT | dict[str, torch.Tenso
         tmp.chmod(DIR_MODE)
         sd = model if isinstance(model, dict) else model.state_dict()
         weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()
-                   if k not in TIED_KEYS}
+                   if not (k in TIED_KEYS and _tied(sd, k))}
         if not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
             raise CheckpointError(f"the weights at step {step} are not finite (training "
                                   f"diverged); nothing saved; {_last_good(run_dir)}",

@@ -44,7 +44,7 @@ def command(
         "step": run.state.get("step"),
         "best_val_loss": run.state.get("best_val_loss"),
         "parameters": {**gpt.param_groups_breakdown(), "total": gpt.num_params()},
-        "tied_head": gpt.lm_head.weight is gpt.transformer.wte.weight,
+        "tied_head": gpt.tied,
         "checkpoint_bytes": {"weights": files.get(MODEL_FILE), "training": files.get(
             TRAINING_FILE), "total": on_disk},
         "tokenizer": {"spec": run.tokenizer.spec, "vocab_size": run.tokenizer.vocab_size,
@@ -70,7 +70,12 @@ def command(
     arch = kv_table("Architecture", [
         ("context", f"{m.max_seq_length:,} tokens"),
         ("layers × heads", f"{m.num_layers} × {m.num_heads} (head dim {m.head_dim})"),
-        ("width / MLP", f"{m.embed_dim:,} / {m.ff_dim:,}"),
+        ("width / MLP", f"{m.embed_dim:,} / {m.ff_width:,} ({m.mlp})"),
+        ("positions / norm", f"{m.position}"
+         + (f" (theta {m.rope_theta:g})" if m.position == "rope" else "")
+         + f" / {m.norm}" + (" + qk-norm" if m.qk_norm else "")),
+        ("kv heads", f"{m.kv_heads}" + (" (grouped-query)" if m.kv_heads < m.num_heads
+                                        else "")),
         ("dropout / bias", f"{m.dropout:g} / {'yes' if m.bias else 'no'}"),
     ])
     params = Table(title="Parameters", title_justify="left", box=None, padding=(0, 2))
