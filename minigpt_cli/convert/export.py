@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt_cli import __version__
-from minigpt_cli.convert import hf
+from minigpt_cli.convert import hf, llama
 from minigpt_cli.errors import ConvertError
 from minigpt_cli.fileio import DIR_MODE, FILE_MODE, atomic_write_text
 from minigpt_cli.run.layout import EVAL_FILE
@@ -43,6 +43,7 @@ def check_out(out: Path, fmt: str) -> None:
 def export(run: LoadedRun, out: Path, fmt: str, dtype: str = "f32") -> Path:
     """Write ``run`` to ``out`` in format ``fmt`` (``hf`` or ``gguf``)."""
     check_out(out, fmt)
+    llama.family(run.config.model)  # a mix neither format has: refused before any work
     if fmt == "gguf":
         if dtype not in GGUF_DTYPES:
             raise ConvertError(f"dtype {dtype} is unknown for gguf",
@@ -64,9 +65,13 @@ def _export_hf(run: LoadedRun, out: Path) -> Path:
     try:
         tmp.chmod(DIR_MODE)
         save_hf_tokenizer(run.tokenizer, tmp, model_max_length=cfg.max_seq_length)
-        weights = hf.to_gpt2_state_dict(run.model)
+        if llama.family(cfg) == "llama":
+            weights = llama.to_llama_state_dict(run.model)
+            config = llama.llama_config(cfg, run.tokenizer.eot_id, run.model.tied)
+        else:
+            weights = hf.to_gpt2_state_dict(run.model)
+            config = hf.gpt2_config(cfg, run.tokenizer.eot_id)
         save_file(weights, str(tmp / hf.WEIGHTS_FILE), metadata={"format": "pt"})
-        config = hf.gpt2_config(cfg, run.tokenizer.eot_id)
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(run))
         atomic_write_text(tmp / "README.md", model_card(run, out.name))
@@ -112,14 +117,14 @@ def model_card(run: LoadedRun, name: str) -> str:
     """A README.md for the exported folder: where the model comes from and how to load it."""
     cfg, state = run.config, run.state
     m = cfg.model
+    family = llama.family(m)
+    design = "Llama" if family == "llama" else "GPT-2"
     best = state.get("best_val_loss")
     rows = [
         ("trained with", f"minigpt {__version__}"),
         ("data", cfg.data.dataset),
         ("tokenizer", f"{run.tokenizer.spec} ({run.tokenizer.vocab_size:,} tokens)"),
-        ("architecture", f"GPT-2: {m.num_layers} layers, {m.embed_dim} wide, {m.num_heads} "
-                         f"heads, feed-forward {m.ff_dim}, context {m.max_seq_length}"
-                         + ("" if m.bias else ", no biases (exported as zeros)")),
+        ("architecture", architecture_summary(m)),
         ("parameters", f"{run.model.num_params():,}"),
         ("steps", f"{state.get('step', 0):,}"),
         ("validation loss", "—" if best is None else f"{best:.4f} nats/token"),
@@ -130,12 +135,12 @@ def model_card(run: LoadedRun, name: str) -> str:
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""---
 library_name: transformers
-tags: [minigpt, gpt2, text-generation]
+tags: [minigpt, {family}, text-generation]
 ---
 
 # {name}
 
-A GPT-2-style language model trained from scratch with minigpt.
+A {design}-style language model trained from scratch with minigpt.
 
 | | |
 |---|---|
@@ -155,6 +160,17 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=50)[0]))
 `generation_config.json` holds minigpt's sampling defaults (temperature 0.8); pass
 `do_sample=False` for greedy decoding.
 """
+
+
+def architecture_summary(m) -> str:
+    if llama.family(m) == "llama":
+        kv = f" ({m.kv_heads} kv heads)" if m.kv_heads < m.num_heads else ""
+        return (f"Llama: {m.num_layers} layers, {m.embed_dim} wide, {m.num_heads} heads{kv}, "
+                f"SwiGLU {m.ff_width}, context {m.max_seq_length}, rope theta {m.rope_theta:g}"
+                + ("" if m.tie_embeddings else ", untied head"))
+    return (f"GPT-2: {m.num_layers} layers, {m.embed_dim} wide, {m.num_heads} "
+            f"heads, feed-forward {m.ff_dim}, context {m.max_seq_length}"
+            + ("" if m.bias else ", no biases (exported as zeros)"))
 
 
 def _bits_per_byte(run: LoadedRun) -> float | None:

@@ -50,7 +50,7 @@ def gpt2_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
         "n_head": cfg.num_heads,
         "n_inner": cfg.ff_dim,
         "activation_function": "gelu_pytorch_tanh",  # GELU, tanh approximation, as torch
-        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
@@ -129,7 +129,8 @@ def model_config(raw: dict[str, Any], origin: str) -> ModelConfig:
         what = f"a {kind} model" if kind else "not a model config minigpt knows"
         arch = f" ({', '.join(map(str, archs))})" if archs else ""
         raise ConvertError(f"{origin} is {what}{arch}, not GPT-2",
-                           "minigpt imports GPT-2-family checkpoints (GPT2LMHeadModel)")
+                           "minigpt imports GPT-2 (GPT2LMHeadModel) and Llama "
+                           "(LlamaForCausalLM) checkpoints")
 
     def get(key: str, kind: type = int) -> Any:
         if key not in raw:

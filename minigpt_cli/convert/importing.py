@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from minigpt_cli.config import Config, ModelConfig
-from minigpt_cli.convert import hf
+from minigpt_cli.convert import hf, llama
 from minigpt_cli.errors import ConvertError
 from minigpt_cli.fileio import DIR_MODE
 from minigpt_cli.model.gpt import GPT
@@ -25,7 +25,7 @@ from minigpt_cli.run.checkpoint import save_checkpoint
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
              "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json", "vocab.json",
              "merges.txt", "special_tokens_map.json", "generation_config.json"]
-SOURCE_HINT = "pass a Hugging Face GPT-2 folder, hf:NAME or a minigpt run directory"
+SOURCE_HINT = "pass a Hugging Face GPT-2 or Llama folder, hf:NAME or a minigpt run directory"
 
 
 @dataclass
@@ -71,14 +71,15 @@ def _from_run(path: Path) -> Source:
 
     run = load_run(path)
     state = {k: v.detach().clone() for k, v in run.model.state_dict().items()
-             if k != "lm_head.weight"}
+             if k != "lm_head.weight" or not run.model.tied}
     return Source(str(path), run.config.model, state, run.tokenizer)
 
 
 def _from_folder(folder: Path, name: str) -> Source:
     from minigpt_cli.convert.hf_tokenizer import load_hf_tokenizer
 
-    checkpoint = hf.read_checkpoint(folder, name)
+    reader = llama if hf.read_config(folder).get("model_type") == "llama" else hf
+    checkpoint = reader.read_checkpoint(folder, name)
     tokenizer = load_hf_tokenizer(folder)
     if tokenizer.vocab_size > checkpoint.model.vocab_size:
         raise ConvertError(f"{name}: the tokenizer has {tokenizer.vocab_size:,} tokens, more "

@@ -117,8 +117,9 @@ def init_source(config: Config, changed: set[str]):
                               f"than {start.name}'s context ({context})",
                               f"use at most {context}")
         context = config.model.max_seq_length
-        start.state_dict["transformer.wpe.weight"] = \
-            start.state_dict["transformer.wpe.weight"][:context].clone()
+        wpe = start.state_dict.get("transformer.wpe.weight")
+        if wpe is not None:  # learned positions; rotary ones need no cropping
+            start.state_dict["transformer.wpe.weight"] = wpe[:context].clone()
     dropout = config.model.dropout if "model.dropout" in changed else start.model.dropout
     start.model = dataclasses.replace(start.model, dropout=dropout, max_seq_length=context)
     config.model = start.model

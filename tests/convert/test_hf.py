@@ -250,7 +250,7 @@ runner = CliRunner()
     (["export", "--model", "RUN", "--out", "nodir/sub/x"], "not a writable directory"),
     (["import", "nowhere", "--out", "new"], "does not exist"),
     (["import", "RUN/config.yaml", "--out", "new"], "is a file"),
-    (["import", "NOTGPT2", "--out", "new"], "is a llama model"),
+    (["import", "NOTGPT2", "--out", "new"], "is a bert model"),
     (["import", "NOKEY", "--out", "new"], "config.json has no 'n_layer'"),
     (["import", "RUN", "--out", "EXISTS"], "already exists"),
     (["import", "EMPTY", "--out", "new"], "has no config.json"),
@@ -261,8 +261,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(args, says, tmp_path, monkeypa
     (tmp_path / "EXISTS").mkdir()
     (tmp_path / "EXISTS" / "f").write_text("x")
     (tmp_path / "EMPTY").mkdir()
-    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    for name, config in (("NOTGPT2", llama),
+    bert = {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
+    for name, config in (("NOTGPT2", bert),
                          ("NOKEY", {"model_type": "gpt2", "n_embd": 32, "n_head": 2,
                                     "n_positions": 8, "vocab_size": 9})):
         (tmp_path / name).mkdir()
