@@ -1,4 +1,5 @@
-"""A run as a GGUF file for llama.cpp and ollama (architecture ``gpt2``).
+"""A run as a GGUF file for llama.cpp and ollama (architecture ``gpt2``, or ``llama`` for
+a model with rope, rmsnorm and swiglu).
 
 The file is what llama.cpp's own ``convert_hf_to_gguf.py`` writes for a GPT-2 checkpoint:
 the ``gpt2.*`` hyperparameters, the tensors under llama.cpp's names (``token_embd``,
@@ -21,6 +22,11 @@ What llama.cpp's gpt2 graph assumes, and how a minigpt model meets it:
   exported: GPT-2's BPE (tiktoken's r50k/p50k ranks, or any ranks file with GPT-2's split
   pattern) and the byte tokenizer (256 byte tokens and no merges). Others are refused.
 
+A Llama-style model is written as llama.cpp's converter writes a Hugging Face Llama:
+``attn_q``, ``attn_k``, ``attn_v`` cut from ``c_attn``, ``ffn_gate``, ``ffn_up``,
+``ffn_down``, and the rows of ``attn_q`` and ``attn_k`` permuted within each head from the
+rotate-half layout (minigpt's and transformers') to the interleaved pairs llama.cpp rotates.
+
 As in llama.cpp's converter, norms, biases and the position embedding stay float32 in
 every dtype; q8_0 matrices whose rows are not a multiple of 32 fall back to float16.
 ``gguf`` is imported inside the functions; nothing here prints.
@@ -33,11 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from minigpt_cli.convert.llama import family
 from minigpt_cli.errors import ConvertError
 
-ARCH = "gpt2"
 DTYPES = ("f32", "f16", "q8_0")
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which minigpt's blocks use
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split pattern
 EOT_TEXT = "<|endoftext|>"
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5  # gguf.TokenType
@@ -63,15 +68,16 @@ def export_gguf(model, tokenizer, path: Path, dtype: str = "f32", *,
         raise ConvertError(f"dtype {dtype} is unknown for gguf", f"use {', '.join(DTYPES)}",
                            setting="dtype")
     cfg = model.config
+    arch = family(cfg)
     check_model(cfg)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
-    tensors = gguf_tensors(model)
+    tensors = gguf_tensors(model) if arch == "gpt2" else llama_tensors(model)
 
     import gguf
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-    writer = _writer_class(gguf)(str(path), ARCH)
+    writer = _writer_class(gguf)(str(path), arch)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
@@ -79,10 +85,17 @@ def export_gguf(model, tokenizer, path: Path, dtype: str = "f32", *,
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_context_length(cfg.max_seq_length)
         writer.add_embedding_length(cfg.embed_dim)
-        writer.add_feed_forward_length(cfg.ff_dim)
+        writer.add_feed_forward_length(cfg.ff_width)
         writer.add_block_count(cfg.num_layers)
         writer.add_head_count(cfg.num_heads)
-        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        if arch == "gpt2":
+            writer.add_layer_norm_eps(cfg.norm_eps)
+        else:
+            writer.add_head_count_kv(cfg.kv_heads)
+            writer.add_layer_norm_rms_eps(cfg.norm_eps)
+            writer.add_rope_dimension_count(cfg.head_dim)
+            writer.add_rope_freq_base(cfg.rope_theta)
+            writer.add_vocab_size(cfg.vocab_size)
 
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab.pre)
@@ -108,11 +121,47 @@ def export_gguf(model, tokenizer, path: Path, dtype: str = "f32", *,
 
 
 def check_model(cfg) -> None:
-    """Refuse a shape llama.cpp's gpt2 graph would compute wrongly."""
+    """Refuse a shape llama.cpp's graphs would compute wrongly."""
     if cfg.embed_dim % cfg.num_heads:
         raise ConvertError(f"embed_dim {cfg.embed_dim} is not a multiple of num_heads "
                            f"{cfg.num_heads}: llama.cpp's heads would not split it",
                            "only such models can be exported to GGUF")
+    if family(cfg) == "llama" and cfg.bias:
+        raise ConvertError("model.bias true: GGUF export of a Llama-style model takes one "
+                           "without biases", "export it to hf, or train with model.bias false")
+
+
+def interleave_pairs(w: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of a (heads * D, C) query or key matrix, rotate-half layout (feature i pairs
+    with i + D/2) reordered to interleaved pairs (2i with 2i + 1), as llama.cpp's
+    converter permutes a Hugging Face Llama's."""
+    return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def llama_tensors(model) -> list[tuple[str, np.ndarray]]:
+    """A Llama-style model's weights as float32 arrays under llama.cpp's llama names."""
+    cfg = model.config
+    state = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+    kv = cfg.kv_heads * cfg.head_dim
+    out = [("token_embd.weight", state["transformer.wte.weight"])]
+    for i in range(cfg.num_layers):
+        h, b = f"transformer.h.{i}", f"blk.{i}"
+        qkv = state[f"{h}.attn.c_attn.weight"]
+        q, k, v = qkv[:cfg.embed_dim], qkv[cfg.embed_dim:cfg.embed_dim + kv], qkv[-kv:]
+        out += [(f"{b}.attn_norm.weight", state[f"{h}.ln_1.weight"]),
+                (f"{b}.attn_q.weight", interleave_pairs(q, cfg.num_heads)),
+                (f"{b}.attn_k.weight", interleave_pairs(k, cfg.kv_heads)),
+                (f"{b}.attn_v.weight", v),
+                (f"{b}.attn_output.weight", state[f"{h}.attn.c_proj.weight"]),
+                (f"{b}.ffn_norm.weight", state[f"{h}.ln_2.weight"]),
+                (f"{b}.ffn_gate.weight", state[f"{h}.mlp.c_gate.weight"]),
+                (f"{b}.ffn_up.weight", state[f"{h}.mlp.c_fc.weight"]),
+                (f"{b}.ffn_down.weight", state[f"{h}.mlp.c_proj.weight"])]
+    out.append(("output_norm.weight", state["transformer.ln_f.weight"]))
+    if not model.tied:
+        out.append(("output.weight", state["lm_head.weight"]))
+    return [(n, np.ascontiguousarray(a, dtype=np.float32)) for n, a in out]
 
 
 def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
