@@ -232,3 +232,15 @@ def test_every_variant_learns_one_batch(variant, dtype):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("name", ["llama-small", "shakespeare-char-5min"])
+def test_the_modern_presets_build_llama_style_models(name):
+    from minigpt_cli.convert.llama import family
+
+    cfg = Config.from_preset(name).validate().model
+    assert family(cfg) == "llama" and cfg.kv_heads < cfg.num_heads
+    cfg.vocab_size = cfg.vocab_size or 65  # the characters of tinyshakespeare
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert "wpe" not in model.transformer and model.tied
