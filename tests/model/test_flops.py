@@ -22,6 +22,19 @@ def test_flops_per_token_counts_every_weight_once_and_the_attention(toy_config):
     assert flops.flops_per_token(model) == 6 * weights + 12 * L * 128 * C
 
 
+
+def test_flops_per_token_of_a_llama_style_model(toy_config):
+    """No position table; grouped-query attention's smaller kv projections; an untied
+    head counted, its input embedding (a lookup) not."""
+    cfg = toy_config(vocab_size=1000, max_seq_length=64, embed_dim=64, num_heads=4,
+                     num_layers=2, ff_dim=96, bias=False, position="rope", norm="rmsnorm",
+                     mlp="swiglu", num_kv_heads=2, tie_embeddings=False)
+    C, L, F, V, KV = 64, 2, 96, 1000, 2 * 16
+    per_layer = 2 * C + (C * (C + 2 * KV)) + C * C + 3 * C * F
+    weights = V * C + L * per_layer + C  # the head, the blocks, the final norm
+    assert flops.flops_per_token(GPT(cfg)) == 6 * weights + 12 * L * 64 * C
+
+
 def test_gpu_peaks_come_from_the_data_sheet(monkeypatch):
     cuda = torch.device("cuda")
     for name, precision, expected in [("NVIDIA H100 80GB HBM3", BF16, 989e12),
