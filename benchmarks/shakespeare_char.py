@@ -4,6 +4,7 @@ scored by ``minigpt eval`` (the whole validation split, non-overlapping windows)
 
     python benchmarks/shakespeare_char.py            # both
     python benchmarks/shakespeare_char.py --only preset
+    python benchmarks/shakespeare_char.py --only preset --preset shakespeare-char-5min
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def trial(name: str, train_args: list[str], cwd: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=("recipe", "preset"))
+    p.add_argument("--preset", default="shakespeare-char", help="the preset to time")
     args = p.parse_args()
     if not TEXT.is_file():
         sys.exit(f"tinyshakespeare not found at {TEXT} (set MINIGPT_SHARED_DIR)")
@@ -70,7 +72,7 @@ def main() -> None:
         if args.only != "preset":
             rows.append(trial("nanogpt-cpu-recipe", ["--preset", "tiny", *NANOGPT_CPU], cwd))
         if args.only != "recipe":
-            rows.append(trial("shakespeare-char", ["--preset", "shakespeare-char"], cwd))
+            rows.append(trial(args.preset, ["--preset", args.preset], cwd))
         print(f"token cache: {env_cache}")
         print(f"{'run':<22}{'wall s':>8}{'val loss':>10}")
         for r in rows:
