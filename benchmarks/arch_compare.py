@@ -74,7 +74,9 @@ def trial(name: str, dataset: str, settings: list[str], budget: float, probe: in
     # probe: two short runs give the seconds per step and the fixed start-up cost
     short = train(cwd / f"{tag}-p1", dataset, settings, probe, seed, cwd)
     long = train(cwd / f"{tag}-p2", dataset, settings, 3 * probe, seed, cwd)
-    per_step = max((long - short) / (2 * probe), 1e-4)
+    # on a busy machine the difference can come out near zero: count at least a fifth of
+    # the longer probe as steps
+    per_step = max((long - short) / (2 * probe), long / (3 * probe) / 5)
     startup = max(short - probe * per_step, 0.0)
     steps = max(10, int((budget - startup) / per_step))
     out = cwd / f"{tag}-run"

@@ -45,7 +45,7 @@ class ModelConfig:
     mlp: str = "gelu"  # gelu | swiglu
     num_kv_heads: int | None = None  # None: num_heads; fewer: grouped-query attention
     tie_embeddings: bool = True  # the output head is the token embedding
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    qk_norm: bool = False  # model.norm on each head's queries and keys, before rope
     norm_eps: float = 1e-5
 
     def validate(self) -> None:
