@@ -3,9 +3,10 @@ tinyshakespeare with characters and with GPT-2's BPE, validation bits per byte s
 
 Each trial is a whole ``minigpt train`` process with a cosine schedule that ends on time:
 a short probe run measures the variant's seconds per step (and the process's start-up),
-then the real run gets as many steps as fit in ``--budget`` seconds. ``minigpt eval``
-scores the whole validation split (the last 10% of the text, non-overlapping windows). A
-second seed of one variant shows how much of a difference is noise.
+then the real run gets as many steps as fit in ``--budget`` seconds (at least 10).
+``minigpt eval`` scores the whole validation split (the last 10% of the text,
+non-overlapping windows). A second seed of one variant shows how much of a difference is
+noise.
 
     python benchmarks/arch_compare.py                  # 240 s per trial
     python benchmarks/arch_compare.py --quick          # 20 s per trial, to see it work
@@ -34,7 +35,7 @@ SHAPE = ["model.num_layers=4", "model.embed_dim=128", "model.num_heads=4",
          "model.max_seq_length=64", "model.dropout=0.0", "model.bias=false",
          "train.batch_size=24", "train.learning_rate=6e-3", "train.warmup_steps=50",
          "train.eval_interval=1000000", "train.checkpoint_interval=1000000",
-         "train.log_interval=10"]
+         "train.eval_iters=1", "train.log_interval=5"]
 GELU = ["model.ff_dim=512"]
 SWIGLU = ["model.mlp=swiglu", "model.ff_dim=352"]  # 3 x 352 ~ 2 x 512 weights
 VARIANTS = {
@@ -71,14 +72,16 @@ def train(out: Path, dataset: str, settings: list[str], steps: int, seed: int,
 def trial(name: str, dataset: str, settings: list[str], budget: float, probe: int, seed: int,
           cwd: Path) -> dict:
     tag = f"{dataset}-{abs(hash(name)) % 10**6}-{seed}"
-    # probe: two short runs give the seconds per step and the fixed start-up cost
-    short = train(cwd / f"{tag}-p1", dataset, settings, probe, seed, cwd)
-    long = train(cwd / f"{tag}-p2", dataset, settings, 3 * probe, seed, cwd)
-    # on a busy machine the difference can come out near zero: count at least a fifth of
-    # the longer probe as steps
-    per_step = max((long - short) / (2 * probe), long / (3 * probe) / 5)
-    startup = max(short - probe * per_step, 0.0)
-    steps = max(10, int((budget - startup) / per_step))
+    # a probe run: the seconds per step after the first log line (from metrics.jsonl), and
+    # whatever else the process spends (start-up, the final checkpoint) from its wall time
+    probe_dir = cwd / f"{tag}-probe"
+    wall = train(probe_dir, dataset, settings, probe, seed, cwd)
+    lines = [json.loads(x) for x in (probe_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["elapsed"]) for r in lines if "elapsed" in r and "loss" in r]
+    (s0, t0), (s1, t1) = logged[0], logged[-1]
+    per_step = (t1 - t0) / max(s1 - s0, 1)
+    fixed = max(wall - t1, 0.0)
+    steps = max(10, int((budget - fixed) / per_step))
     out = cwd / f"{tag}-run"
     wall = train(out, dataset, settings, steps, seed, cwd)
     report = minigpt("eval", "--model", str(out), "--json", cwd=cwd)
@@ -105,7 +108,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = p.parse_args()
     budget = args.budget or (20.0 if args.quick else 240.0)
-    probe = 5 if args.quick else 20
+    probe = 15 if args.quick else 40
     if not TEXT.is_file():
         sys.exit(f"tinyshakespeare not found at {TEXT} (set MINIGPT_SHARED_DIR)")
     datasets = [d for d in DATASETS if args.only in (None, d)]
