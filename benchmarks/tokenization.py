@@ -12,34 +12,27 @@ SentencePiece BPE model of 8,000 pieces trained on the first 2 MB (its baseline:
 thread). Nothing is written outside the temporary folder. Other processes on the machine
 make the figures noisy: the load average is printed with them.
 
-Usage: python benchmarks/tokenize.py [--mb 100] [--sentencepiece]
+Usage: python benchmarks/tokenization.py [--mb 100] [--sentencepiece]
+
+(Not ``tokenize.py``: a script's folder comes first on ``sys.path``, so that name would
+stand in for the standard library's ``tokenize`` in every benchmark here.)
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# This file's folder comes first on sys.path when run as a script; its name would then
-# stand in for the standard library's tokenize module.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import machine  # benchmarks/machine.py, beside this script
+import numpy as np
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import minigpt_tokenizers  # noqa: E402
-from minigpt_cli.data.files import FileSource, Segment  # noqa: E402
-from minigpt_cli.data.token_cache import token_cache  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("machine", HERE / "machine.py")
-machine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(machine)
+import minigpt_tokenizers
+from minigpt_cli.data.files import FileSource, Segment
+from minigpt_cli.data.token_cache import token_cache
 
 TARGET_MB_S = 45
 SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR")
