@@ -3,8 +3,10 @@
 Builds the original design's model (vocab 50257, 4 layers, 256 wide, 8 heads, context 128)
 with random weights and samples the same number of tokens three ways, batch 1:
 
-- engine:        minigpt_cli.sampling.generate (prefill once, one cached step per token,
-                 sliding window past the context)
+- engine:        minigpt_cli.generate.engine.Engine (prefill once, one cached step per
+                 token, sliding window past the context), fp32 with its int8 decoding head
+                 for sampling, then with an exact fp32 head, then with the whole model
+                 quantised by ``quantize_model`` (``--quantize int8`` and ``int4``)
 - nanoGPT way:   the straightforward way, as nanoGPT samples: crop to the context, a full
                  forward over it for every new token, the head on the last position only
 - all logits:    the same, with this model's forward, which computes the logits of every
@@ -19,16 +21,19 @@ Usage: python benchmarks/sampling.py [--tokens 500] [--threads N] [--device cpu]
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from pathlib import Path
 
+import machine  # benchmarks/machine.py, beside this script
 import torch
 from torch.nn import functional as F
 
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.generate.decoding import SamplingSettings, sample_next
 from minigpt_cli.generate.engine import Engine, GenerationResult
+from minigpt_cli.generate.quant import QUANTIZE_MODES, quantize_model
 from minigpt_cli.model.gpt import GPT
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -59,12 +64,15 @@ def gpt2_tokenizer():
     return minigpt_tokenizers.create(f"tiktoken:{ranks}"), "tiktoken GPT-2"
 
 
-def run_engine(model, tok, settings, device, exact_head=False):
+def run_engine(model, tok, settings, device, exact_head=False, setup=0.0):
+    """Tokens, seconds and first-token seconds of one generate call, and the set-up
+    (making the engine; ``setup`` seconds more for quantising the model) apart."""
     t0 = time.perf_counter()
     engine = Engine(model, tok, device, exact_head=exact_head)
+    setup += time.perf_counter() - t0
     for ev in engine.generate(PROMPT, settings):
         if isinstance(ev, GenerationResult):
-            return ev.generated_tokens, time.perf_counter() - t0, ev.time_to_first_token
+            return ev.generated_tokens, ev.elapsed, ev.time_to_first_token, setup
 
 
 @torch.inference_mode()
@@ -90,7 +98,7 @@ def run_full_forward(model, tok, settings, device, last_only: bool):
             ttft = time.perf_counter() - t0
         if token == tok.eot_id:
             break
-    return n, time.perf_counter() - t0, ttft
+    return n, time.perf_counter() - t0, ttft, 0.0
 
 
 def main() -> None:
@@ -99,6 +107,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every way this many times, in turn, and keep each one's best "
+                         "(on a loaded machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,26 +124,49 @@ def main() -> None:
           f"decoding head {Engine(model, tok, device).head.mode}; "
           f"tokenizer {tok_name}; device {device}, {torch.get_num_threads()} threads; "
           f"{args.tokens} new tokens, batch 1, temperature {args.temperature}")
+    print(f"CPU: {machine.cpu()}; {machine.torch_level()}")
     print(f"load average before: {load()}")
 
+    quantized = {}  # mode -> (model, seconds quantize_model took)
+    for mode in QUANTIZE_MODES if device.type == "cpu" else ():
+        copied = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        quantized[mode] = quantize_model(copied, mode), time.perf_counter() - t0
     ways = {
         "engine (KV cache)": lambda s: run_engine(model, tok, s, device),
         "engine, exact fp32 head": lambda s: run_engine(model, tok, s, device, True),
+        **{f"engine, --quantize {mode}": (lambda s, m=m, q=q: run_engine(m, tok, s, device,
+                                                                          setup=q))
+           for mode, (m, q) in quantized.items()},
         "nanoGPT way (full forward)": lambda s: run_full_forward(model, tok, s, device, True),
         "all logits (full forward)": lambda s: run_full_forward(model, tok, s, device, False),
     }
-    rates = {}
-    for name, fn in ways.items():
+    rates, firsts = {}, {}
+    for fn in ways.values():
         fn(warm)
-        n, secs, ttft = fn(settings)
-        rates[name] = n / secs
-        print(f"{name:28s} {n:4d} tokens  {n / secs:8.1f} tokens/s  "
-              f"first token {ttft * 1000:6.1f} ms  total {secs:6.2f} s")
+    for r in range(args.rounds):
+        for name, fn in ways.items():
+            n, secs, ttft, setup = fn(settings)
+            rates[name] = max(rates.get(name, 0.0), n / secs)
+            firsts[name] = min(firsts.get(name, ttft), ttft)
+            print(f"{name:28s} {n:4d} tokens  {n / secs:8.1f} tokens/s  "
+                  f"first token {ttft * 1000:6.1f} ms  total {secs:6.2f} s  "
+                  f"set-up {setup * 1000:5.0f} ms"
+                  + (f"  (round {r + 1})" if args.rounds > 1 else ""))
+    if args.rounds > 1:
+        print(f"best of {args.rounds} rounds:")
+        for name, rate in rates.items():
+            print(f"{name:28s} {rate:8.1f} tokens/s  first token {firsts[name] * 1000:6.1f} ms")
     engine = rates["engine (KV cache)"]
+    base = rates["nanoGPT way (full forward)"]
     print(f"load average after: {load()}")
-    print(f"speed-up of the engine: {engine / rates['nanoGPT way (full forward)']:.1f}x over the "
+    print(f"speed-up of the engine: {engine / base:.1f}x over the "
           f"nanoGPT way (the target is 5x), {engine / rates['all logits (full forward)']:.1f}x "
           "over all logits")
+    for name, rate in rates.items():
+        if "quantize" in name:
+            print(f"{name}: {rate / base:.1f}x the nanoGPT way, {rate / engine:.2f}x the fp32 "
+                  "engine")
 
 
 def load() -> str:

@@ -21,7 +21,7 @@ SETTING_FLAGS = {
     "num_samples": "--num-samples", "seed": "--seed", "stop": "--stop",
     "layer": "--layer", "head": "--head", "stride": "--stride", "batch_size": "--batch-size",
     "model": "--model", "out": "--out", "device": "--device", "format": "--format",
-    "dtype": "--dtype",
+    "dtype": "--dtype", "quantize": "--quantize",
 }
 
 # Sampling options, shared with ``minigpt chat``.
@@ -41,6 +41,9 @@ Stop = Annotated[list[str] | None, typer.Option(
                    "\\n and \\t are understood).")]
 Seed = Annotated[int | None, typer.Option(help="Seed for reproducible samples.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Quantize = Annotated[str, typer.Option(
+    help="Run the model's linear layers and head quantised on the CPU: none, int8 "
+         "(per-row scales) or int4 (groups of 32).")]
 ModelDir = Annotated[Path | None, typer.Option(
     "--model", help="Run directory. Default: the latest run under runs/.")]
 _ESCAPE = re.compile(r"\\(.)")

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from minigpt_cli.cli.ui import err_console, human_count, human_duration
@@ -152,7 +159,8 @@ def _peak_memory(device: torch.device) -> str:
 
 
 class DataProgress:
-    """Shows tokenizer training and tokenization; transient on a terminal.
+    """Shows tokenizer training and tokenization (bytes of text: MB/s and ETA); transient
+    on a terminal.
 
     Use it as a context manager (it closes itself); ``DataProgress.on_terminal()`` is one
     that shows nothing unless stderr is a terminal.
@@ -184,6 +192,8 @@ class DataProgress:
                 if self._progress is None:
                     self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                               TextColumn("{task.percentage:>3.0f}%"),
+                                              TransferSpeedColumn(), TextColumn("ETA"),
+                                              TimeRemainingColumn(),
                                               console=self.console, transient=True)
                     self._progress.start()
                 self._task = self._progress.add_task(stage, total=total or None)

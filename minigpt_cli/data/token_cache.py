@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from minigpt_cli.data.source import DataSource
 from minigpt_cli.errors import DataError
 from minigpt_cli.fileio import atomic_open, atomic_write
 
-TOKEN_CACHE_VERSION = 1
+TOKEN_CACHE_VERSION = 2  # 2: chunks cut only where the ids do not change
 
 
 @dataclass
@@ -100,46 +103,131 @@ def check_length(arr: TokenArray, seq_len: int, split: str) -> None:
             "use a smaller model.max_seq_length or more data")
 
 
+ENCODE_GROUP = 4  # source chunks (about 2 MB each) per encode_batch call
+MAX_CARRY = 8 << 20  # text held back while looking for a safe cut, before cutting anyway
+
+# Every whitespace character of str.split(); outside ASCII: for the slow exact path
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+_OTHER_SPACE = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+
+
+def safe_pieces(chunks: Iterable[str]) -> Iterator[str]:
+    """The text of ``chunks`` again, cut only after a newline between two characters that
+    are not whitespace (``"word\\nWord"``).
+
+    Byte-level BPE splits text into pieces with a pattern before merging. A run of
+    whitespace is one piece or several depending on what follows it (``"\\n\\n"`` is
+    one token of GPT-2, ``"  \\n"`` before a letter is two), so text cut at any newline
+    encodes differently from the whole; no pattern of GPT-2, cl100k or o200k joins across
+    such a cut, and SentencePiece encodes line by line. Encoding the pieces one by one, in
+    any number of threads, gives exactly the ids of the text in one piece. Text with no such
+    newline in ``MAX_CARRY`` characters is cut at its last newline, or where it ends.
+    """
+    carry = ""
+    it = iter(chunks)
+    following = next(it, None)
+    while following is not None:
+        chunk, following = following, next(it, None)
+        text = carry + chunk if carry else chunk
+        if following is None:  # the end: nothing to cut
+            yield text
+            return
+        cut = _last_safe_cut(text)
+        if cut == 0 and len(text) >= MAX_CARRY:
+            cut = text.rfind("\n") + 1 or len(text)
+        if cut:
+            yield text[:cut]
+        carry = text[cut:]
+
+
+def _last_safe_cut(text: str) -> int:
+    """The end of the last ``"\\n"`` in ``text`` with a non-space on both sides; 0: none."""
+    i = len(text) - 1
+    while True:
+        i = text.rfind("\n", 0, i)
+        if i <= 0:
+            return 0
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+
+
+def _count_words(text: str, data: bytes) -> int:
+    """``len(text.split())`` without the list: counted on the UTF-8 bytes ``data``."""
+    if not data:
+        return 0
+    if _OTHER_SPACE.search(text):
+        return len(text.split())
+    space = _ASCII_SPACE[np.frombuffer(data, dtype=np.uint8)]
+    return int(np.count_nonzero(space[:-1] & ~space[1:])) + (not space[0])
+
+
 def _encode_into(f: Any, chunks: Iterator[str], tokenizer: Any, dtype: np.dtype,
                  total: int, progress: Callable[[int, int], None] | None) -> dict[str, int]:
-    """Encode ``chunks`` into the open file ``f``; return the text statistics."""
+    """Encode ``chunks`` into the open file ``f``; return the text statistics.
+
+    The text is re-cut at safe boundaries (``safe_pieces``), so the ids are those of the
+    text in one piece. Pieces go to the tokenizer's ``encode_batch`` (threads of its own:
+    tiktoken's, SentencePiece's) a group at a time, in a worker thread, while this thread
+    counts the next group's bytes, words and lines and writes the previous group's ids.
+    """
     batch_encode = getattr(tokenizer, "encode_batch", None)
-    group_size = 4 if callable(batch_encode) else 1
+    group_size = ENCODE_GROUP if callable(batch_encode) else 1
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        ids = batch_encode(texts) if group_size > 1 else [tokenizer.encode(texts[0])]
+        return [np.asarray(x, dtype=dtype) for x in ids]
+
     n_tokens = n_bytes = n_words = n_lines = 0
     last_char = ""
-    pending: list[str] = []
+    in_flight: deque = deque()  # (future of a group's ids, bytes of text up to its end)
 
-    def flush() -> None:
+    def write_oldest() -> None:
         nonlocal n_tokens
-        encoded = batch_encode(pending) if group_size > 1 else [tokenizer.encode(pending[0])]
-        for ids in encoded:
-            arr = np.asarray(ids, dtype=dtype)
+        future, done = in_flight.popleft()
+        for arr in future.result():
             f.write(arr.tobytes())
             n_tokens += len(arr)
-        pending.clear()
         if progress is not None:
-            progress(n_bytes, max(total, n_bytes) if total else 0)
+            progress(done, max(total, done) if total else 0)
 
     if progress is not None:
         progress(0, total)
-    for chunk in chunks:
-        if not chunk:
-            continue
-        n_bytes += len(chunk.encode("utf-8"))
-        n_lines += chunk.count("\n")
-        n_words += len(chunk.split())
-        if last_char and not last_char.isspace() and not chunk[0].isspace():
-            n_words -= 1  # a word cut by the chunk boundary was counted twice
-        last_char = chunk[-1]
-        pending.append(chunk)
-        if len(pending) >= group_size:
-            flush()
-    if pending:
-        flush()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt-encode") as pool:
+        try:
+            for group in _groups(safe_pieces(c for c in chunks if c), group_size):
+                future = pool.submit(encode, group)
+                for piece in group:  # while the group encodes
+                    data = piece.encode("utf-8")
+                    n_bytes += len(data)
+                    n_lines += piece.count("\n")
+                    n_words += _count_words(piece, data)
+                    if last_char and not last_char.isspace() and not piece[0].isspace():
+                        n_words -= 1  # a word cut by the boundary was counted twice
+                    last_char = piece[-1]
+                in_flight.append((future, n_bytes))
+                if len(in_flight) > 1:
+                    write_oldest()
+            while in_flight:
+                write_oldest()
+        finally:
+            for future, _ in in_flight:
+                future.cancel()
     if last_char and last_char != "\n":
         n_lines += 1
     return {"num_tokens": n_tokens, "num_bytes": n_bytes, "num_words": n_words,
             "num_lines": n_lines}
+
+
+def _groups(pieces: Iterable[str], size: int) -> Iterator[list[str]]:
+    group: list[str] = []
+    for piece in pieces:
+        group.append(piece)
+        if len(group) >= size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _load_entry(bin_path: Path, meta_path: Path, dtype: np.dtype) -> TokenArray | None:

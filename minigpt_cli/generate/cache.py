@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch.nn import functional as F
 
 from minigpt_cli.generate.quant import DecodingHead
 from minigpt_cli.model.gpt import GPT, KVCache
@@ -32,7 +31,7 @@ class CachedLM:
         with torch.inference_mode():
             self.cache: KVCache = model.new_cache(batch_size)
             self.tokens = torch.zeros(batch_size, self.capacity, dtype=torch.long,
-                                      device=model.lm_head.weight.device)
+                                      device=next(model.parameters()).device)
         self.slides = 0
 
     @property
@@ -76,7 +75,7 @@ class CachedLM:
             x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
         if self.head is not None:
             return self.head(x)  # (B, V)
-        return F.linear(x, self.model.lm_head.weight)
+        return self.model.lm_head(x)
 
 
 _threads_lock = threading.Lock()

@@ -115,10 +115,10 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else \
-            model.lm_head.weight.device
+            next(model.parameters()).device
         self.context_length = model.config.max_seq_length
         self.head = DecodingHead(model, quantize=not exact_head)
-        self._exact_head = self.head if self.head.mode != "int8" else None
+        self._exact_head = self.head if self.head.exact else None
         extra = model.config.vocab_size - tokenizer.vocab_size
         self._vocab_limit = tokenizer.vocab_size if extra > 0 else None
 

@@ -1,11 +1,178 @@
-"""Quantised layers for decoding on the CPU."""
+"""Quantised inference on the CPU: weight-only int8 and int4 linear layers, and the
+decoding head.
+
+``quantize_model(model, "int8" | "int4")`` swaps every ``nn.Linear`` of a model, the
+output head included, for a quantised copy; everything else (embeddings, norms, the KV
+cache) stays fp32. It is the one entry point that commands and the server call.
+
+- int8: one scale per output row (as llama.cpp's q8), through ``torch._weight_int8pack_mm``.
+- int4: asymmetric, one scale and zero per group of ``INT4_GROUP`` inputs (as llama.cpp's
+  q4_1), through ``torch._weight_int4pack_mm_for_cpu``; a layer whose width is not a
+  multiple of the group stays int8.
+
+Both kernels take bf16 activations (their fp32 variants are 5-15x slower on AVX2 and
+AVX-512 alike), so the inputs of a quantised layer are rounded to bf16; the products and
+the outputs are fp32. Scales are chosen as bf16 values first and the weights quantised
+against them, so the kernels see exactly the weights that ``dequantize`` gives.
+
+torchao (0.18) was measured first: its ``Int8WeightOnlyConfig`` converts the int8 weight
+to fp32 on every call on the CPU (3-9x slower than these layers, slower than fp32 itself),
+and its CPU int4 layout (``PrototypeInt4WeightOnlyConfig``) runs the same kernel as here
+about 2x slower per call and cannot take the 50,257-row head (rows must be a multiple of
+16). See README's speed section for the figures.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch.nn import functional as F
 
-from minigpt_cli.model.gpt import GPT
+from minigpt_cli.errors import MiniGPTError
+
+QUANTIZE_MODES = ("int8", "int4")
+INT4_GROUP = 32  # inputs per int4 scale and zero; the kernel takes 32, 64, 128 or 256
+_INT4_ROWS = 16  # the int4 kernel wants a multiple of 16 output rows: pad with zeros
+
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear`` with quantised weights: ``forward`` runs the int kernel, ``weight``
+    gives the dequantised (V, C) weight for code that reads it (e.g. a chunked head loss).
+    """
+
+    mode = ""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) bf16 -> (M, N') products, N' >= N."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
+        y = y[:, :self.out_features].to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.mode}"
+
+
+class Int8Linear(QuantizedLinear):
+    """Weight-only int8, symmetric, one bf16 scale per output row."""
+
+    mode = "int8"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("qweight", q.contiguous())  # (N, K)
+        self.register_buffer("scales", scales)  # (N,)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """Weight-only int4, asymmetric, one bf16 scale and zero per group of inputs.
+
+    The kernel computes ``(q - 8) * scale + zero`` for ``q`` in 0..15; here ``zero`` is
+    the group's minimum plus eight steps, so the range [min, max] maps onto 0..15.
+    """
+
+    mode = "int4"
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
+        super().__init__(linear)
+        assert linear.in_features % group == 0, "width must be a multiple of the group"
+        self.group = group
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        rows = -(-N // _INT4_ROWS) * _INT4_ROWS
+        w = torch.cat([w, w.new_zeros(rows - N, K)]) if rows > N else w
+        g = w.reshape(rows, K // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+        zero = (lo + 8 * scale).to(torch.bfloat16).float()
+        q = torch.round((g - (zero - 8 * scale)[..., None]) / scale[..., None]).clamp(0, 15)
+        q = q.to(torch.int32).reshape(rows, K)
+        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        # (K / group, N', 2): scale and zero of each group, as the kernel reads them
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+        # the codes once more, unpacked, for dequantize (a quarter of fp32's memory)
+        self.register_buffer("codes", q[:N].to(torch.uint8), persistent=False)
+
+    def dequantize(self) -> torch.Tensor:
+        N = self.out_features
+        sz = self.scales_and_zeros[:, :N].float().transpose(0, 1)  # (N, K / group, 2)
+        q = self.codes.float().reshape(N, -1, self.group)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(N, self.in_features)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group,
+                                                 self.scales_and_zeros)
+
+
+def check_quantize(mode: str | None, device: torch.device | str = "cpu") -> str | None:
+    """``mode`` if quantised inference can run it on ``device``; None for no quantisation."""
+    if mode in (None, "", "none", "fp32"):
+        return None
+    if mode not in QUANTIZE_MODES:
+        raise MiniGPTError(f"quantize must be none, int8 or int4, got {mode!r}",
+                           setting="quantize")
+    if torch.device(device).type != "cpu":
+        raise MiniGPTError(f"quantize {mode} runs on the CPU only, not on {device}",
+                           "run it on the CPU, or leave quantisation out on a GPU",
+                           setting="quantize")
+    return mode
+
+
+def quantize_model(model: nn.Module, mode: str | None, group: int = INT4_GROUP) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` (on the CPU) by its ``mode`` copy, in place.
+
+    ``mode``: "int8", "int4" or None/"none" (nothing changes). Tied weights stay with the
+    modules that are not linear layers (the token embedding keeps its fp32 table). Raises
+    ``MiniGPTError`` (setting ``quantize``) for an unknown mode, a model off the CPU, or a
+    PyTorch build without the kernel.
+    """
+    device = next(model.parameters()).device
+    mode = check_quantize(mode, device)
+    if mode is None:
+        return model
+    targets = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    with torch.inference_mode(False), torch.no_grad():
+        for parent, name, child in targets:
+            try:
+                if mode == "int4" and child.in_features % group == 0:
+                    layer = Int4Linear(child, group)
+                else:
+                    layer = Int8Linear(child)
+                layer(torch.zeros(1, child.in_features))  # the kernels are build-dependent
+            except (RuntimeError, AttributeError) as e:
+                raise MiniGPTError(f"quantize {mode} needs a PyTorch build with its CPU "
+                                   f"kernel ({e})", setting="quantize") from e
+            setattr(parent, name, layer)
+    return model
 
 
 class DecodingHead:
@@ -16,11 +183,16 @@ class DecodingHead:
     per vocabulary row (weight-only quantisation, as llama.cpp's q8): a quarter of the
     memory traffic, about 9x faster than fp32 here, logits within about 1% of the exact
     ones. Without it (or where the int8 kernel is missing), an exact fp32 copy in (C, V)
-    layout is used, about twice as fast as the model's own (V, C) one. Elsewhere the
-    model's own weights are used as they are.
+    layout is used, about twice as fast as the model's own (V, C) one. A model whose head
+    ``quantize_model`` replaced keeps that head. Elsewhere the model's own weights are used
+    as they are.
     """
 
-    def __init__(self, model: GPT, quantize: bool = True):
+    def __init__(self, model: nn.Module, quantize: bool = True):
+        if isinstance(model.lm_head, QuantizedLinear):
+            self.layer = model.lm_head
+            self.mode = model.lm_head.mode
+            return
         w = model.lm_head.weight
         self.weight = w
         self.mode = "model"
@@ -41,8 +213,15 @@ class DecodingHead:
             self.t = w.t().contiguous()
             self.mode = "fp32"
 
+    @property
+    def exact(self) -> bool:
+        """Whether the logits are the model's own (its weights, quantised or not)."""
+        return self.mode != "int8" or hasattr(self, "layer")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C) hidden states -> (B, V) fp32 logits."""
+        if hasattr(self, "layer"):
+            return self.layer(x)
         if self.mode == "int8":
             return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.q,
                                              self.scales).float()

@@ -98,3 +98,22 @@ def test_help_has_examples(cli):
     for args in (["eval", "--help"], ["inspect", "tokenizer", "--help"]):
         result = cli.invoke(*args)
         assert result.exit_code == 0 and "Examples" in result.stdout
+
+
+def test_eval_quantized_reports_the_change_in_bits_per_byte(run_dir, cli):
+    plain = cli.ok_json("eval", "--model", run_dir, "--precision", "fp32", "--json")
+    r = cli.ok_json("eval", "--model", run_dir, "--quantize", "int8", "--json")
+    assert r["quantize"] == "int8" and r["precision"] == "fp32"
+    assert r["unquantized"]["bits_per_byte"] == pytest.approx(plain["bits_per_byte"])
+    change = (r["bits_per_byte"] - plain["bits_per_byte"]) / plain["bits_per_byte"]
+    assert r["bits_per_byte_change"] == pytest.approx(change)
+    assert 0 < abs(change) < 0.01
+    assert_consistent(r)
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert {e["quantize"] for e in saved.values()} == {None, "int8"}  # side by side
+    table = cli.invoke("eval", "--model", run_dir, "--quantize", "int4")
+    assert table.exit_code == 0, table.output
+    assert "bits per byte change" in table.stdout and "%" in table.stdout
+    bad = cli.invoke("eval", "--model", run_dir, "--quantize", "q4")
+    assert bad.exit_code == 1 and "--quantize" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -67,13 +67,24 @@ def test_generate_reads_stdin_and_stops(run_dir, scripted_reply, cli):
 @pytest.mark.parametrize("flag, value", [
     ("--temperature", "-1"), ("--top-p", "1.5"), ("--top-k", "-3"), ("--min-p", "2"),
     ("--repetition-penalty", "0"), ("--max-new-tokens", "0"), ("--num-samples", "0"),
-    ("--seed", "-1"),
+    ("--seed", "-1"), ("--quantize", "int3"),
 ])
 def test_generate_rejects_bad_values_before_loading(tmp_path, flag, value, cli):
     result = cli.invoke("generate", "--model", tmp_path / "nowhere", "--prompt", "x", flag, value)
     assert result.exit_code == 1
     assert flag in result.stderr and "nowhere" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_generate_and_chat_quantized(run_dir, cli, mode):
+    result = cli.invoke("generate", "--model", run_dir, "--prompt", "Hi", "--max-new-tokens", "6",
+                        "--quantize", mode, "--seed", "1", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["quantize"] == mode and report["samples"][0]["num_tokens"] <= 6
+    result = cli.invoke("chat", "--model", run_dir, "--quantize", mode, input="Hi\n/quit\n")
+    assert result.exit_code == 0, result.output
 
 
 def test_chat_command_piped(run_dir, scripted_reply, cli):

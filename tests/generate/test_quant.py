@@ -1,11 +1,124 @@
-"""The decoding head: an exact fp32 copy, and the int8 one where the kernel exists."""
+"""Quantised inference: the int8 and int4 layers, ``quantize_model``, and the decoding head."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 
+from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.generate import quant
+from minigpt_cli.generate.decoding import SamplingSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Logits of the quantised toy model against fp32, as a fraction of the largest |logit|.
+# int8 (per-row scales, bf16 inputs) stays within 2%; int4 (groups of 32) within 15%.
+LOGIT_TOLERANCE = {"int8": 0.02, "int4": 0.15}
+
+
+def quantized(model, mode):
+    return quant.quantize_model(copy.deepcopy(model), mode)
+
+
+@pytest.mark.parametrize("mode", quant.QUANTIZE_MODES)
+def test_quantized_logits_are_close_to_fp32(toy_model, mode):
+    q = quantized(toy_model, mode)
+    idx = torch.randint(0, toy_model.config.vocab_size, (2, 24), generator=torch.Generator()
+                        .manual_seed(0))
+    with torch.inference_mode():
+        ref, _ = toy_model(idx)
+        got, _ = q(idx)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert err < LOGIT_TOLERANCE[mode], f"{mode}: {err:.4f}"
+    assert err > 0  # the weights did change
+
+
+@pytest.mark.parametrize("mode", quant.QUANTIZE_MODES)
+def test_every_linear_layer_and_the_head_are_quantized(toy_model, mode):
+    q = quantized(toy_model, mode)
+    linears = [n for n, m in toy_model.named_modules() if isinstance(m, nn.Linear)]
+    assert "lm_head" in linears
+    layers = dict(q.named_modules())
+    assert all(isinstance(layers[n], quant.QuantizedLinear) for n in linears)
+    assert not any(type(m) is nn.Linear for m in q.modules())
+    # the tied embedding keeps its exact table; the fp32 original is untouched
+    torch.testing.assert_close(q.transformer.wte.weight, toy_model.transformer.wte.weight)
+    assert type(toy_model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("mode, bits", [("int8", 8), ("int4", 4)])
+def test_dequantized_weights_round_to_the_nearest_level(mode, bits):
+    """Each weight is within half a quantisation step of the original, and the kernel
+    computes with exactly the dequantised weights (up to bf16 inputs)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40)  # 40 rows: int4 pads them to 48
+    layer = quant.Int8Linear(lin) if mode == "int8" else quant.Int4Linear(lin)
+    w = lin.weight.detach()
+    deq = layer.weight
+    if mode == "int8":
+        step = w.abs().amax(dim=1, keepdim=True) / 127
+    else:
+        g = w.reshape(40, -1, quant.INT4_GROUP)
+        step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(quant.INT4_GROUP, dim=1)
+    assert ((deq - w).abs() <= 0.51 * step * (1 + 2 ** -7) + 1e-6).all()
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        want = x.bfloat16().float() @ deq.t() + lin.bias
+        torch.testing.assert_close(layer(x), want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(layer(x[None])[0], layer(x))  # any leading shape
+
+
+def test_any_model_of_linear_layers_is_quantized():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64, bias=False))
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        for mode in quant.QUANTIZE_MODES:
+            got = quantized(model, mode)(x)
+            assert (got - ref).abs().max() < LOGIT_TOLERANCE[mode] * ref.abs().max()
+    q = quantized(model, "int4")  # 96 inputs: groups of 32 fit, both layers are int4
+    assert [m.mode for m in q if isinstance(m, quant.QuantizedLinear)] == ["int4", "int4"]
+    q = quant.quantize_model(copy.deepcopy(model), "int4", group=128)  # they do not: int8
+    assert [m.mode for m in q if isinstance(m, quant.QuantizedLinear)] == ["int8", "int8"]
+
+
+def test_no_quantization_leaves_the_model_as_it_is(toy_model):
+    before = {k: v.clone() for k, v in toy_model.state_dict().items()}
+    for mode in (None, "none"):
+        assert quant.quantize_model(toy_model, mode) is toy_model
+    assert type(toy_model.lm_head) is nn.Linear
+    for k, v in toy_model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("mode", ["int3", "fp8", "INT8"])
+def test_an_unknown_mode_names_the_setting(toy_model, mode):
+    with pytest.raises(MiniGPTError) as e:
+        quant.quantize_model(toy_model, mode)
+    assert e.value.setting == "quantize" and mode in e.value.message
+
+
+def test_the_engine_decodes_with_the_quantized_head(toy_model, byte_tok, run_engine):
+    q = quantized(toy_model, "int8")
+    head = quant.DecodingHead(q)
+    assert head.mode == "int8" and head.exact and head.layer is q.lm_head
+    for temperature in (0.0, 0.8):  # greedy too: the quantised model is the model now
+        settings = SamplingSettings(max_new_tokens=40, temperature=temperature, seed=1)
+        _, result = run_engine(q, byte_tok, "Hello", settings)
+        assert len(result.samples[0].tokens) + (result.samples[0].finish_reason == "eot") == 40
+    # its greedy continuation is the one its own full forward gives
+    settings = SamplingSettings(max_new_tokens=8, temperature=0.0)
+    _, result = run_engine(q, byte_tok, "Hello", settings)
+    idx = torch.tensor([byte_tok.encode("Hello")])
+    with torch.inference_mode():
+        for _ in range(8):
+            idx = torch.cat([idx, q(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert result.samples[0].tokens == idx[0, 5:].tolist()
 
 
 def test_exact_decoding_head_is_the_models_head(toy_model):

@@ -31,7 +31,7 @@ MODEL_TYPES = ("unigram", "bpe")
 DEFAULT_TYPE, DEFAULT_VOCAB = "unigram", 8000
 MAX_TRAIN_CHARS = 8_000_000  # the first ~8 MB of the training split: seconds to train
 MAX_SENTENCE_CHARS = 2048  # at most 8192 UTF-8 bytes, the max_sentence_length below
-ENCODE_THREADS = 2
+ENCODE_THREADS = max(1, min(8, os.cpu_count() or 1))
 SPEC_HINT = ("use sentencepiece:unigram:8000, sentencepiece:bpe:8000 "
              "or sentencepiece:path/to/file.model")
 

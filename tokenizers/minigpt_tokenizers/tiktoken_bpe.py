@@ -25,7 +25,7 @@ from minigpt_tokenizers import TextSource, Tokenizer, TokenizerError
 EOT = "<|endoftext|>"
 RANKS_FILE = "ranks.tiktoken"
 REPLACEMENT = "\ufffd".encode()
-NUM_THREADS = 2
+NUM_THREADS = max(1, min(8, os.cpu_count() or 1))  # for encode_batch
 
 # Split patterns copied from tiktoken_ext/openai_public.py (calling it would download).
 R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

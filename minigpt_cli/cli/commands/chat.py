@@ -13,6 +13,7 @@ from minigpt_cli.cli.options import (
     MaxNewTokens,
     MinP,
     ModelDir,
+    Quantize,
     RepetitionPenalty,
     Seed,
     Stop,
@@ -59,6 +60,7 @@ def chat(
     stop: Stop = None,
     seed: Seed = None,
     device: Device = "auto",
+    quantize: Quantize = "none",
 ) -> None:
     """Chat with a trained model: streamed replies, history, slash commands."""
     from minigpt_cli.chat.template import TEMPLATES
@@ -73,11 +75,14 @@ def chat(
     from minigpt_cli.cli.repl import HISTORY_FILE, run_piped, run_repl
     from minigpt_cli.device import configure_backends, select_device
     from minigpt_cli.generate.engine import Engine
+    from minigpt_cli.generate.quant import check_quantize, quantize_model
     from minigpt_cli.run.load import load_run
 
     dev = select_device(device)
     configure_backends(dev)
+    quantize = check_quantize(quantize, dev)
     run = load_run(model, dev)
+    quantize_model(run.model, quantize)
     session = ChatSession(Engine(run.model, run.tokenizer, dev), settings, template=template,
                           system=system, model_label=str(run.run_dir))
     if not sys.stdin.isatty():

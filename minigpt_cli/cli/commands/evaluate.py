@@ -22,6 +22,8 @@ EXAMPLES = """Examples:
   minigpt eval --model runs/a --model runs/b --text-file notes.txt --json
 
   minigpt eval --model runs/tiny --stride 64    # sliding windows, more history
+
+  minigpt eval --model runs/small --dataset wikitext-2 --split test --quantize int8
 """
 
 TOKENS_PER_BATCH = 4096  # default batch: about this many tokens per forward pass
@@ -53,7 +55,11 @@ def eval_(
         help=f"Windows per forward pass (default: about {TOKENS_PER_BATCH} tokens' worth).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto, fp32, bf16 or fp16 (with --quantize, auto is fp32).")] = "auto",
+    quantize: Annotated[str, typer.Option(
+        help="Also score the model quantised on the CPU (none, int8 or int4) and report "
+             "the change in bits per byte against the unquantised model.")] = "none",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
                         ] = False,
 ) -> None:
@@ -68,12 +74,14 @@ def eval_(
 
     from minigpt_cli.data.resolve import resolve_source
     from minigpt_cli.device import configure_backends, select_device, select_precision
-    from minigpt_cli.evaluate.perplexity import check_stride, evaluate, record, result_key
+    from minigpt_cli.evaluate.perplexity import check_stride, record, result_key
+    from minigpt_cli.generate.quant import check_quantize, quantize_model
     from minigpt_cli.run.load import load_run
 
     dev = select_device(device)
     configure_backends(dev)
-    prec = select_precision(precision, dev)
+    quantize = check_quantize(quantize, dev)
+    prec = select_precision("fp32" if quantize and precision == "auto" else precision, dev)
     text_source = _text_file_source(text_file) if text_file is not None else None
     show_progress = not json_out and ui.err_console.is_terminal
 
@@ -91,23 +99,29 @@ def eval_(
             split_name = source.check_split(split or "val")
         tokens = _tokens(source, split_name, run.tokenizer, show_progress)
         batch = batch_size or max(1, TOKENS_PER_BATCH // seq_len)
-        with _EvalProgress(f"evaluating {run.run_dir.name}", show_progress) as progress:
-            try:
-                res = evaluate(run.model, tokens.tokens, seq_len, batch, dev, prec,
-                               stride=stride, progress=progress,
-                               num_bytes=tokens.num_bytes, num_words=tokens.num_words)
-            except torch.cuda.OutOfMemoryError as e:
-                raise MiniGPTError(f"out of memory on {dev} with batches of {batch} windows",
-                                   "pass a smaller --batch-size") from e
+
+        job = (run.model, tokens, seq_len, batch, dev, prec, stride, show_progress)
+        res = _score(run.run_dir.name, *job)
+        compared: dict[str, Any] = {}
+        if quantize:
+            plain = res.to_dict()
+            quantize_model(run.model, quantize)
+            res = _score(f"{run.run_dir.name} ({quantize})", *job)
+            compared = {"unquantized": plain,
+                        "bits_per_byte_change": _relative(res.bits_per_byte,
+                                                          plain["bits_per_byte"])}
         is_file = text_source is not None
         entry: dict[str, Any] = {
             "model": str(run.run_dir), "step": run.state.get("step"),
             "dataset": label, "split": None if is_file else split_name,
             "stride": stride, "context": seq_len, "tokenizer": run.tokenizer.spec,
-            "device": str(dev), "precision": prec.name, **res.to_dict(),
+            "device": str(dev), "precision": prec.name, "quantize": quantize,
+            **res.to_dict(), **compared,
         }
         key = result_key(f"file:{Path(label).resolve()}" if is_file else label,
                          None if is_file else split_name, stride)
+        if quantize:  # beside the unquantised result, not over it
+            key += f"@{quantize}"
         try:
             saved_to.append(record(run.run_dir, key, entry))
         except OSError as e:
@@ -124,6 +138,22 @@ def eval_(
         saved = ", ".join(str(p) for p in saved_to)
         if saved:
             ui.err_console.print(Text(f"Saved to {saved}", style="dim"), soft_wrap=True)
+
+
+def _score(what: str, model, tokens, seq_len: int, batch: int, dev, prec, stride: int | None,
+           show_progress: bool):
+    import torch
+
+    from minigpt_cli.evaluate.perplexity import evaluate
+
+    with _EvalProgress(f"evaluating {what}", show_progress) as progress:
+        try:
+            return evaluate(model, tokens.tokens, seq_len, batch, dev, prec, stride=stride,
+                            progress=progress, num_bytes=tokens.num_bytes,
+                            num_words=tokens.num_words)
+        except torch.cuda.OutOfMemoryError as e:
+            raise MiniGPTError(f"out of memory on {dev} with batches of {batch} windows",
+                               "pass a smaller --batch-size") from e
 
 
 def _text_file_source(path: Path):
@@ -191,6 +221,12 @@ class _EvalProgress:
             self._progress.stop()
 
 
+def _relative(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return (value - reference) / reference
+
+
 def _fmt(value: Any, spec: str) -> str:
     if value is None:
         return "—"
@@ -233,4 +269,14 @@ def _table(results: list[dict[str, Any]]) -> Table:
                   end_section=True)
     for title, key, spec in ROWS:
         table.add_row(Text(title), *[_fmt(r[key], spec) for r in results])
+    if any(r.get("quantize") for r in results):
+        table.add_row(Text("quantized", style="dim"), *[Text(r["quantize"] or "no")
+                                                       for r in results], end_section=True)
+        table.add_row(Text("bits per byte unquantized"), *[
+            _fmt(r["unquantized"]["bits_per_byte"] if r.get("quantize") else None, ".4f")
+            for r in results])
+        table.add_row(Text("bits per byte change"), *[
+            _fmt(100 * c if (c := r.get("bits_per_byte_change")) is not None else None,
+                 "+.3f") + ("%" if r.get("bits_per_byte_change") is not None else "")
+            for r in results])
     return table

@@ -17,6 +17,7 @@ from minigpt_cli.cli.options import (
     MaxNewTokens,
     MinP,
     ModelDir,
+    Quantize,
     RepetitionPenalty,
     Seed,
     Stop,
@@ -68,6 +69,7 @@ def generate(
     num_samples: Annotated[int, typer.Option(
         "--num-samples", help="Independent samples, generated together as a batch.")] = 1,
     device: Device = "auto",
+    quantize: Quantize = "none",
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the samples, settings and speed as JSON instead of streaming.")
     ] = False,
@@ -80,11 +82,14 @@ def generate(
     text = read_prompt(prompt, prompt_file)
     from minigpt_cli.device import configure_backends, select_device
     from minigpt_cli.generate.engine import Engine, GenerationResult, Notice
+    from minigpt_cli.generate.quant import check_quantize, quantize_model
     from minigpt_cli.run.load import load_run
 
     dev = select_device(device)
     configure_backends(dev)
+    quantize = check_quantize(quantize, dev)
     run = load_run(model, dev)
+    quantize_model(run.model, quantize)
     engine = Engine(run.model, run.tokenizer, dev)
     if not text and (prompt is not None or prompt_file is not None or not sys.stdin.isatty()):
         ui.warn("the prompt is empty: generating from the start of a new document "
@@ -98,7 +103,7 @@ def generate(
             elif isinstance(event, GenerationResult):
                 result = event
         assert result is not None
-        typer.echo(json.dumps(_report(run, str(dev), text, settings, result), indent=2,
+        typer.echo(json.dumps(_report(run, str(dev), quantize, text, settings, result), indent=2,
                               ensure_ascii=False))
         return
     view = StreamView(ui.console, text, num_samples)
@@ -201,13 +206,14 @@ def stats_line(result: GenerationResult) -> str:
             f"{result.time_to_first_token * 1000:.0f} ms · seed {result.seed}")
 
 
-def _report(run, device: str, prompt: str, settings: SamplingSettings,
+def _report(run, device: str, quantize: str | None, prompt: str, settings: SamplingSettings,
             result: GenerationResult) -> dict:
     return {
         "model": str(run.run_dir),
         "step": run.state.get("step"),
         "tokenizer": run.tokenizer.spec,
         "device": device,
+        "quantize": quantize,
         "prompt": prompt,
         "prompt_tokens": result.prompt_tokens,
         "prompt_cropped": result.prompt_cropped,

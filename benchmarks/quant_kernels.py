@@ -1,0 +1,89 @@
+"""Quantised linear layers on the CPU: minigpt's against torchao's and fp32, per call.
+
+One ``nn.Linear`` of each shape the `small` model decodes with (batch 1), timed four or
+five ways in turn: fp32 ``nn.Linear``; ``Int8Linear`` and ``Int4Linear`` (minigpt_cli/
+generate/quant.py); torchao's ``Int8WeightOnlyConfig`` and, where it takes the shape, its
+CPU int4 layout (``PrototypeInt4WeightOnlyConfig``, bf16 weights, groups of 32). Each figure
+is the best of ``--rounds`` rounds of ``--calls`` calls, in microseconds per call.
+
+Usage: python benchmarks/quant_kernels.py [--threads 1] [--rounds 3] [--calls 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+
+import machine  # benchmarks/machine.py, beside this script
+import torch
+import torch.nn as nn
+
+from minigpt_cli.generate.quant import INT4_GROUP, Int4Linear, Int8Linear
+
+SHAPES = [(768, 256, "attn.c_attn"), (256, 256, "attn.c_proj"), (1024, 256, "mlp.c_fc"),
+          (256, 1024, "mlp.c_proj"), (50257, 256, "lm_head")]
+
+
+def torchao_layers(lin: nn.Linear) -> dict:
+    """torchao's quantised copies of ``lin`` that it can make, or why not."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        return {"torchao": f"not installed ({e})"}
+    out = {}
+    m8 = copy.deepcopy(lin)
+    quantize_(m8, Int8WeightOnlyConfig())
+    out["torchao int8"] = m8
+    try:
+        m4 = copy.deepcopy(lin).bfloat16()
+        quantize_(m4, PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP))
+        out["torchao int4"] = lambda x, m=m4: m(x.bfloat16()).float()
+    except Exception as e:  # e.g. rows not a multiple of 16
+        out["torchao int4"] = f"fails: {str(e).splitlines()[0][:60]}"
+    return out
+
+
+def best_us(fn, x, rounds: int, calls: int) -> float:
+    with torch.inference_mode():
+        for _ in range(5):
+            fn(x)
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(x)
+            best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (decoding steps "
+                    "through the layers run on one)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=100)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"CPU: {machine.cpu()}; {machine.torch_level()}; load {machine.load()}")
+    print("microseconds per call, batch 1 (best of rounds):")
+    for n, k, name in SHAPES:
+        lin = nn.Linear(k, n, bias=name != "lm_head")
+        ways = {"fp32": lin, "minigpt int8": Int8Linear(lin), "minigpt int4": Int4Linear(lin),
+                **torchao_layers(lin)}
+        x = torch.randn(1, k)
+        cells = []
+        for way, fn in ways.items():
+            cells.append(f"{way} {fn}" if isinstance(fn, str) else
+                         f"{way} {best_us(fn, x, args.rounds, args.calls):7.0f}")
+        print(f"{name:12s} {n:5d}x{k:<4d} " + " | ".join(cells))
+    print(f"load after: {machine.load()}")
+
+
+if __name__ == "__main__":
+    main()
