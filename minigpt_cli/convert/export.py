@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,8 @@ def _export_hf(run: LoadedRun, out: Path) -> Path:
     from minigpt_cli.convert.hf_tokenizer import save_hf_tokenizer
 
     cfg = run.config.model
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(DIR_MODE)
+
+    def write(tmp: Path) -> None:
         save_hf_tokenizer(run.tokenizer, tmp, model_max_length=cfg.max_seq_length)
         weights = hf.to_gpt2_state_dict(run.model)
         save_file(weights, str(tmp / hf.WEIGHTS_FILE), metadata={"format": "pt"})
@@ -88,6 +88,16 @@ def _export_hf(run: LoadedRun, out: Path) -> Path:
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(run))
         atomic_write_text(tmp / "README.md", model_card(run, out.name))
+    return _write_folder(out, write)
+
+
+def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` the files of a new folder into a temporary one, then rename it to ``out``;
+    a failure leaves nothing behind."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(DIR_MODE)
+        write(tmp)
         for path in tmp.iterdir():
             path.chmod(FILE_MODE)
         os.rename(tmp, out)
@@ -138,19 +148,12 @@ def _export_adapter(run: LoadedRun, out: Path) -> Path:
     from safetensors.torch import save_file
 
     config, tensors = peft_adapter(run)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(DIR_MODE)
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         _write_json(tmp / ADAPTER_CONFIG, config)
         atomic_write_text(tmp / "README.md", adapter_card(run, out.name, config))
-        for path in tmp.iterdir():
-            path.chmod(FILE_MODE)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return _write_folder(out, write)
 
 
 def adapter_card(run: LoadedRun, name: str, config: dict[str, Any]) -> str:
