@@ -168,8 +168,37 @@ class TrainConfig:
             )
 
 
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA) on the base model of ``train.init``, which stays frozen."""
+
+    rank: int | None = None  # 0 or null: no adapters (full fine-tuning or training)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: str = "c_attn, c_proj, c_fc"  # module names (or name endings), comma-separated
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rank)
+
+    @property
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def validate(self) -> None:
+        if self.rank is not None and self.rank < 0:
+            raise ConfigError(f"lora.rank must be positive (0 or null: off), got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_list:
+            raise ConfigError("lora.targets names no module",
+                              "list module names such as c_attn, c_proj, c_fc")
+
+
 SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
-            "train": TrainConfig}
+            "train": TrainConfig, "lora": LoraConfig}
 
 
 @dataclass
@@ -178,12 +207,16 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     preset: str | None = None
     description: str = ""
 
     def validate(self) -> Config:
         for name in SECTIONS:
             getattr(self, name).validate()
+        if self.lora.enabled and not self.train.init:
+            raise ConfigError("lora.rank needs a base model to adapt (train.init)",
+                              "name a run, a GPT-2 folder or hf:NAME to start from")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ SETTING_FLAGS = {
     "num_samples": "--num-samples", "seed": "--seed", "stop": "--stop",
     "layer": "--layer", "head": "--head", "stride": "--stride", "batch_size": "--batch-size",
     "model": "--model", "out": "--out", "device": "--device", "format": "--format",
-    "dtype": "--dtype", "quantize": "--quantize",
+    "dtype": "--dtype", "quantize": "--quantize", "adapter_only": "--adapter-only",
 }
 
 # Sampling options, shared with ``minigpt chat``.

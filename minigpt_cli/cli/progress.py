@@ -31,12 +31,13 @@ class TrainingView:
     """Receives trainer events; call ``close()`` when training ends."""
 
     def __init__(self, console: Console, title: str, device: torch.device, precision: str,
-                 num_params: int):
+                 num_params: int, trainable_params: int | None = None):
         self.console = console
         self.title = title
         self.device = device
         self.device_label = f"{device.type} · {precision}"
         self.num_params = num_params
+        self.trainable_params = num_params if trainable_params is None else trainable_params
         self.live_mode = console.is_terminal
         self.stats: dict[str, str] = {}
         self.start_step = 0
@@ -75,7 +76,11 @@ class TrainingView:
         self.start_step, self.total, self.step = e.start_step, e.total_steps, e.start_step
         self.session_start = time.perf_counter()
         self._bar.update(self._task, total=e.total_steps, completed=e.start_step)
-        summary = (f"{self.num_params:,} parameters · {human_count(e.train_tokens)} "
+        params = f"{self.num_params:,} parameters"
+        if self.trainable_params != self.num_params:  # LoRA: a frozen base
+            params = (f"{self.trainable_params:,} trainable of {params} "
+                      f"({self.trainable_params / self.num_params:.2%})")
+        summary = (f"{params} · {human_count(e.train_tokens)} "
                    f"train / {human_count(e.val_tokens)} val tokens · {e.tokens_per_step:,} "
                    f"tokens/step · {e.steps_per_epoch:,.0f} steps/epoch")
         if e.world_size > 1:

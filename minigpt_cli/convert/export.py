@@ -1,5 +1,9 @@
 """``minigpt export``: a run's best checkpoint as a Hugging Face folder or a GGUF file.
 
+A LoRA run exports with its adapters merged into the weights, or (``adapter_only``) as a
+PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads onto the Hugging Face
+export of its base.
+
 Output is written under a temporary name beside ``out`` and renamed into place at the
 end, so a failure leaves nothing behind, and an existing ``out`` is never replaced.
 """
@@ -10,27 +14,35 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from minigpt_cli import __version__
 from minigpt_cli.convert import hf, llama
 from minigpt_cli.errors import ConvertError
 from minigpt_cli.fileio import DIR_MODE, FILE_MODE, atomic_write_text
-from minigpt_cli.run.layout import EVAL_FILE
+from minigpt_cli.run.layout import EVAL_FILE, is_run_dir
 from minigpt_cli.run.load import LoadedRun
 
 FORMATS = ("hf", "gguf")
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file names
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
                        "max_new_tokens": 200}  # minigpt generate's defaults
 
 
-def check_out(out: Path, fmt: str) -> None:
+def check_out(out: Path, fmt: str, adapter_only: bool = False) -> None:
     """Refuse, before any work, an ``out`` that exists or cannot be written."""
     if fmt not in FORMATS:
         raise ConvertError(f"format {fmt} is unknown", f"use {' or '.join(FORMATS)}",
                            setting="format")
+    if adapter_only and fmt != "hf":
+        raise ConvertError(f"adapter_only writes a PEFT adapter folder, not {fmt}",
+                           "use format hf", setting="adapter_only")
     if out.exists() or out.is_symlink():
         raise ConvertError(f"out {out} already exists", "choose a new path",
                            setting="out")
@@ -40,9 +52,16 @@ def check_out(out: Path, fmt: str) -> None:
                            "choose a writable path")
 
 
-def export(run: LoadedRun, out: Path, fmt: str, dtype: str = "f32") -> Path:
-    """Write ``run`` to ``out`` in format ``fmt`` (``hf`` or ``gguf``)."""
-    check_out(out, fmt)
+def export(run: LoadedRun, out: Path, fmt: str, dtype: str = "f32",
+           adapter_only: bool = False) -> Path:
+    """Write ``run`` to ``out`` in format ``fmt`` (``hf`` or ``gguf``); with
+    ``adapter_only``, a LoRA run's adapters alone, as PEFT saves them."""
+    check_out(out, fmt, adapter_only)
+    if adapter_only:
+        if dtype != "f32":
+            raise ConvertError("dtype applies to gguf; adapters are float32", "leave it out",
+                               setting="dtype")
+        return _export_adapter(run, out)
     llama.family(run.config.model)  # a mix neither format has: refused before any work
     if fmt == "gguf":
         if dtype not in GGUF_DTYPES:
@@ -61,9 +80,8 @@ def _export_hf(run: LoadedRun, out: Path) -> Path:
     from minigpt_cli.convert.hf_tokenizer import save_hf_tokenizer
 
     cfg = run.config.model
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(DIR_MODE)
+
+    def write(tmp: Path) -> None:
         save_hf_tokenizer(run.tokenizer, tmp, model_max_length=cfg.max_seq_length)
         if llama.family(cfg) == "llama":
             weights = llama.to_llama_state_dict(run.model)
@@ -75,6 +93,16 @@ def _export_hf(run: LoadedRun, out: Path) -> Path:
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(run))
         atomic_write_text(tmp / "README.md", model_card(run, out.name))
+    return _write_folder(out, write)
+
+
+def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` the files of a new folder into a temporary one, then rename it to ``out``;
+    a failure leaves nothing behind."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(DIR_MODE)
+        write(tmp)
         for path in tmp.iterdir():
             path.chmod(FILE_MODE)
         os.rename(tmp, out)
@@ -82,6 +110,79 @@ def _export_hf(run: LoadedRun, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def peft_adapter(run: LoadedRun) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``adapter_config.json`` and the tensors of ``adapter_model.safetensors`` for PEFT.
+
+    PEFT names a GPT-2 adapter ``base_model.model.<module>.lora_A.weight``; its lora_A and
+    lora_B are ``nn.Linear`` layers even on GPT-2's ``Conv1D`` projections (that is what
+    ``fan_in_fan_out`` says), so minigpt's (rank, in) and (out, rank) matrices go as they are.
+    """
+    if run.adapters is None:
+        raise ConvertError(f"adapter_only: {run.run_dir} is not a LoRA run, it has no "
+                           "adapters", "export it without adapter_only",
+                           setting="adapter_only")
+    tensors, modules = {}, []
+    for key, value in run.adapters.items():
+        module, _, which = key.rpartition(".")  # which: lora_A or lora_B
+        tensors[f"base_model.model.{module}.{which}.weight"] = \
+            value.detach().to("cpu", torch.float32).contiguous()
+        if module not in modules:
+            modules.append(module)
+    lora_cfg = run.config.lora
+    base = run.state.get("base") or {}
+    source, path = str(base.get("source", "")), Path(str(base.get("path", "")))
+    if source.startswith("hf:"):
+        base_name = source[3:]
+    elif base.get("path") and not is_run_dir(path):
+        base_name = str(path)  # a Hugging Face folder
+    else:
+        base_name = None  # a minigpt run: its own `minigpt export` is the base
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
+        "target_modules": modules, "fan_in_fan_out": True, "bias": "none",
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "inference_mode": True,
+    }
+    return config, dict(sorted(tensors.items()))
+
+
+def _export_adapter(run: LoadedRun, out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    config, tensors = peft_adapter(run)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        _write_json(tmp / ADAPTER_CONFIG, config)
+        atomic_write_text(tmp / "README.md", adapter_card(run, out.name, config))
+    return _write_folder(out, write)
+
+
+def adapter_card(run: LoadedRun, name: str, config: dict[str, Any]) -> str:
+    base = run.state.get("base") or {}
+    where = config["base_model_name_or_path"] or "BASE"
+    return f"""---
+library_name: peft
+tags: [minigpt, lora]
+---
+
+# {name}
+
+A LoRA adapter (rank {config["r"]}, alpha {config["lora_alpha"]:g}) trained with minigpt
+{__version__} on {run.config.data.dataset}, for the base model {base.get("source", "?")}.
+For a base that is a minigpt run, `minigpt export` that run to get the Hugging Face model.
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{where}")
+model = PeftModel.from_pretrained(base, "{name}")
+```
+"""
 
 
 def _export_gguf(run: LoadedRun, out: Path, dtype: str) -> Path:

@@ -36,6 +36,7 @@ class Source:
     model: ModelConfig
     state_dict: dict[str, torch.Tensor]
     tokenizer: object
+    path: Path | None = None  # the local run directory or folder it was read from
 
     def build(self, cfg: ModelConfig | None = None) -> GPT:
         """The model with these weights (``cfg`` may differ in dropout only)."""
@@ -72,7 +73,7 @@ def _from_run(path: Path) -> Source:
     run = load_run(path)
     state = {k: v.detach().clone() for k, v in run.model.state_dict().items()
              if k != "lm_head.weight" or not run.model.tied}
-    return Source(str(path), run.config.model, state, run.tokenizer)
+    return Source(str(path), run.config.model, state, run.tokenizer, path.resolve())
 
 
 def _from_folder(folder: Path, name: str) -> Source:
@@ -85,7 +86,7 @@ def _from_folder(folder: Path, name: str) -> Source:
         raise ConvertError(f"{name}: the tokenizer has {tokenizer.vocab_size:,} tokens, more "
                            f"than the model's embedding ({checkpoint.model.vocab_size:,})",
                            "the tokenizer files do not belong to these weights")
-    return Source(name, checkpoint.model, checkpoint.state_dict, tokenizer)
+    return Source(name, checkpoint.model, checkpoint.state_dict, tokenizer, folder.resolve())
 
 
 def download(name: str) -> Path:

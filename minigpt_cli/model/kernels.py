@@ -82,7 +82,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, targets, dtype, chunk, tile, block, need_grad):
+    def forward(ctx, h, w, targets, dtype, chunk, tile, block, need_grad, need_grad_w):
         w_c = w.to(dtype)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_wt = None  # (C, V): h_c.T @ g is much faster than g.T @ h_c
@@ -107,8 +107,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                         g[rows].copy_(probs.mul_(weight[rows]))  # ignored rows: no gradient
             if need_grad:
                 grad_h[i:i + n] = (g @ w_c).to(h.dtype)
-                part = h_c.t() @ g
-                grad_wt = part if grad_wt is None else grad_wt.float().add_(part)
+                if need_grad_w:  # not for a frozen head (LoRA): the largest matmul saved
+                    part = h_c.t() @ g
+                    grad_wt = part if grad_wt is None else grad_wt.float().add_(part)
         ctx.save_for_backward(grad_h, grad_wt)
         ctx.w_dtype = w.dtype
         return total
@@ -116,10 +117,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_wt = ctx.saved_tensors
-        # (V, C) in w's own layout: a transposed gradient makes every later add slow
-        grad_w = torch.empty(grad_wt.shape[::-1], dtype=ctx.w_dtype, device=grad_wt.device)
-        grad_w.copy_(grad_wt.t()).mul_(grad_out)
-        return grad_h * grad_out, grad_w, None, None, None, None, None, None
+        grad_w = None
+        if grad_wt is not None:
+            # (V, C) in w's own layout: a transposed gradient makes every later add slow
+            grad_w = torch.empty(grad_wt.shape[::-1], dtype=ctx.w_dtype, device=grad_wt.device)
+            grad_w.copy_(grad_wt.t()).mul_(grad_out)
+        return grad_h * grad_out, grad_w, None, None, None, None, None, None, None
 
 
 def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
@@ -145,7 +148,8 @@ def head_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
     # the two gradient matmuls
     need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
     with torch.autocast(h.device.type, enabled=False):
-        total = _ChunkedHeadLoss.apply(h, w, targets, dtype, chunk, tile, block, need_grad)
+        total = _ChunkedHeadLoss.apply(h, w, targets, dtype, chunk, tile, block, need_grad,
+                                       need_grad and w.requires_grad)
     if reduction == "sum":
         return total
     if reduction == "mean":

@@ -31,6 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from minigpt_cli.errors import CheckpointError
 from minigpt_cli.fileio import DIR_MODE, atomic_write_text, fsync_dir, write_synced
+from minigpt_cli.model import lora
 from minigpt_cli.model.gpt import GPT
 from minigpt_cli.run.layout import CKPT_DIR, inside
 
@@ -293,6 +294,8 @@ def load_weights(model: GPT, ckpt: Path) -> None:
         raise CheckpointError(f"weights in {ckpt} do not match the run's config: {first}",
                               "put back the config.yaml the run was trained with") from e
     missing = [k for k in missing if k not in TIED_KEYS]
+    if lora.has_adapters(model):  # a LoRA run's checkpoints hold its adapters only
+        missing = [k for k in missing if lora.is_adapter_key(k)]
     if missing or unexpected:
         raise CheckpointError(f"weights in {ckpt} do not match the run's config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})",

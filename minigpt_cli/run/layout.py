@@ -10,6 +10,9 @@ A run directory describes itself::
     checkpoints/latest.json     which step directory is the latest
     checkpoints/best.json       which step directory has the best validation loss
 
+A LoRA run's ``model.safetensors`` holds its adapters only; its ``state.json`` records the
+base model's path and the sha256 of its weights (``load.base_weights`` checks them).
+
 Nothing here follows a path or a link out of the run directory.
 """
 

@@ -25,12 +25,12 @@ from minigpt_cli.data.token_cache import check_length, token_cache
 from minigpt_cli.device import configure_backends, select_device, select_precision
 from minigpt_cli.errors import CheckpointError, ConfigError, DataError
 from minigpt_cli.fileio import atomic_write_text
-from minigpt_cli.model import flops
+from minigpt_cli.model import flops, lora
 from minigpt_cli.model.gpt import GPT
 from minigpt_cli.run import checkpoint as ckpt
 from minigpt_cli.run import layout
 from minigpt_cli.run.history import MetricsLog
-from minigpt_cli.run.load import load_config, load_tokenizer
+from minigpt_cli.run.load import base_record, base_weights, load_config, load_tokenizer
 from minigpt_cli.train import distributed
 from minigpt_cli.train.events import Callback, MetricsWriter
 from minigpt_cli.train.trainer import Trainer
@@ -137,6 +137,9 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     Launched by torchrun, this joins the process group first; ``callbacks`` and
     ``progress`` then only matter on rank 0, the one that reports."""
     device = select_device(config.train.device)
+    if config.lora.enabled and config.train.strategy == "fsdp" and distributed.launched():
+        raise ConfigError("lora.rank: LoRA runs train in one process or with "
+                          "train.strategy=ddp, not fsdp", "use train.strategy=ddp")
     dist, device = distributed.init(device)
     if not dist.enabled:
         return _build(*_prepare_data(config, out, resume, changed, progress), resume, device,
@@ -178,6 +181,11 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
     if config.train.init and not resume:
         report(f"loading {config.train.init}", 0, 0)
         start = init_source(config, changed)
+    elif resume and config.lora.enabled:  # the frozen base, as it was
+        report(f"loading the base model {config.train.init}", 0, 0)
+        start = resumed_base(out, resumed_from, config)
+    if config.lora.enabled:
+        lora.check_targets(config.model, config.lora)  # before anything is written
     source = resolve_source(config.data.dataset, config.data.val_fraction)
     if resume:
         tokenizer = load_tokenizer(out)
@@ -209,6 +217,16 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
     return config, run_dir, tokenizer, splits, resumed_from, notes, start
 
 
+def resumed_base(run_dir: Path, checkpoint: Path, config: Config):
+    """The base model a LoRA run resumes on, checked against the one it was trained on."""
+    from minigpt_cli.convert.importing import Source
+
+    base = base_record(checkpoint, ckpt.read_state(checkpoint))
+    weights = base_weights(run_dir, base, config.model)
+    return Source(base.get("source", base["path"]), config.model, weights, None,
+                  Path(base["path"]))
+
+
 def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path | None,
            notes: list[str], start, resume: bool, device: torch.device,
            callbacks: list[Callback]) -> PreparedRun:
@@ -227,6 +245,12 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
                               "lower train.batch_size or use fewer processes")
 
     model = (GPT(config.model) if start is None else start.build(config.model)).to(device)
+    base = None
+    if config.lora.enabled:  # the base frozen, adapters on its projections
+        lora.inject(model, config.lora)
+        if start is not None:
+            base = {"source": config.train.init, "path": str(start.path),
+                    "sha256": lora.fingerprint(start.state_dict)}
     if dist.enabled:
         distributed.broadcast_module(model)  # rank 0's weights (train.init) everywhere
         torch.manual_seed(config.train.seed + dist.rank)  # each rank its own dropout
@@ -237,6 +261,7 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
     trainer = Trainer(model, config.train, splits["train"].tokens, splits["val"].tokens,
                       config.model.max_seq_length, device, precision, run_dir, reporters,
                       fpt, peak)
+    trainer.base = base
     if resumed_from is not None:
         trainer.restore(resumed_from)
         saved_windows = ckpt.read_state(resumed_from)["sampler"].get("n_windows")

@@ -26,6 +26,7 @@ from minigpt_cli.config import TrainConfig
 from minigpt_cli.data.batches import WindowSampler, batch_at, eval_starts
 from minigpt_cli.device import Precision
 from minigpt_cli.errors import CheckpointError, MiniGPTError
+from minigpt_cli.model import lora
 from minigpt_cli.run import checkpoint as ckpt
 from minigpt_cli.train import distributed
 from minigpt_cli.train.events import Callback, Event, Finished, Logged, Saved, Started, Validated
@@ -98,6 +99,7 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.elapsed = 0.0  # training seconds over all sessions of this run
         self.last_checkpoint: Path | None = None
+        self.base: dict[str, str] | None = None  # a LoRA run's base model: path and sha256
         self._saved_step: int | None = None
         self._stop = False
 
@@ -140,6 +142,8 @@ class Trainer:
         else:
             weights = self.model.state_dict()
             tensors, optim_meta = ckpt.flatten_optimizer(self.optimizer)
+        if lora.has_adapters(self.model):  # the base is frozen and recorded, not saved
+            weights = lora.adapter_state(weights)
         state = {
             "best_val_loss": self.best_val_loss,
             "elapsed": self.elapsed,
@@ -147,6 +151,8 @@ class Trainer:
             "optimizer": optim_meta,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
+        if self.base is not None:
+            state["base"] = self.base
         if self.dist.enabled:  # every rank's random state, for an exact resume
             state["world_size"] = self.dist.world_size
             state["rng_ranks"] = [json for json, _ in rng]

@@ -87,6 +87,12 @@ def config_file(text: str) -> Callable[[Path], list[str]]:
     return setup
 
 
+def lora_on_run(*args: str) -> Callable[[Path], list[str]]:
+    """Fine-tune the trained run (its own model: none of the toy model settings)."""
+    return lambda w: ["train", "--init", str(w / RUN), "--dataset", str(w / CORPUS), "--out",
+                      str(w / "new"), "--max-steps", "2", "--device", "cpu", *args]
+
+
 def resume(*args: str) -> Callable[[Path], list[str]]:
     return lambda w: ["train", "--out", str(w / RUN), "--resume", *args]
 
@@ -226,6 +232,14 @@ TRAIN_ROWS = [
     Row("cuda without a GPU", train("--device", "cuda"), "no CUDA GPU", needs_no_gpu=True),
     Row("unknown device", train("--device", "tpu"), "train.device must be"),
     Row("disk full while saving", train(), "No space left on device", patch=no_space),
+    Row("lora rank 0", lora_on_run("--lora", "0"), "--lora (lora.rank) must be a positive"),
+    Row("lora rank below 0", lora_on_run("--lora", "-3"), "--lora (lora.rank) must be a positive"),
+    Row("lora rank below 0 in a config", lora_on_run("--set", "lora.rank=-1"),
+        "lora.rank must be positive"),
+    Row("lora target matching no module", lora_on_run("--lora", "4", "--set",
+                                                      "lora.targets=c_attn, q_proj"),
+        "lora.targets: 'q_proj' matches no module"),
+    Row("lora without a base", train("--lora", "4"), "lora.rank needs a base model"),
 ]
 
 MODEL_ROWS = [

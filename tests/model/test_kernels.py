@@ -30,6 +30,24 @@ def test_chunked_head_loss_matches_cross_entropy(chunk, tile, block):
     torch.testing.assert_close(summed, ref * (t != -1).sum(), rtol=1e-5, atol=1e-3)
 
 
+def test_chunked_head_loss_with_a_frozen_head_gives_the_same_input_gradient():
+    """A frozen head (LoRA) gets no gradient, and the input's is unchanged."""
+    from torch.nn import functional as F
+
+    from minigpt_cli.model.kernels import head_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(50, 16)
+    t = torch.randint(0, 50, (300,))
+    ref = F.cross_entropy(h @ w.t(), t)
+    (gh,) = torch.autograd.grad(ref, (h,))
+    out = head_cross_entropy(h, w, t, chunk=64, tile=16, block=5)
+    out.backward()
+    torch.testing.assert_close(h.grad, gh)
+    assert w.grad is None
+
+
 def test_chunked_head_loss_in_bf16_matches_autocast_cross_entropy():
     from torch.nn import functional as F
 

@@ -16,6 +16,8 @@ EXPORT_EXAMPLES = """Examples:
   minigpt export --model runs/tiny --format hf --out exported/tiny
 
   minigpt export --model runs/tiny --format gguf --out tiny.gguf --dtype q8_0
+
+  minigpt export --model runs/lora --adapter-only --format hf --out exported/lora-adapter
 """
 IMPORT_EXAMPLES = """Examples:
 
@@ -42,17 +44,23 @@ def export_(
                          "and ollama.")] = "hf",
     dtype: Annotated[str, typer.Option(help="Weights of a gguf file: f32, f16 or q8_0.")
                      ] = "f32",
+    adapter_only: Annotated[bool, typer.Option(
+        "--adapter-only", help="A LoRA run's adapters alone, as a PEFT adapter folder "
+                               "(with --format hf). By default they are merged into the "
+                               "weights.")] = False,
 ) -> None:
     """Export a trained run for Hugging Face transformers or llama.cpp (GGUF)."""
     from minigpt_cli.convert.export import check_out, export
     from minigpt_cli.run.load import load_run
 
-    check_out(out, format_)  # before loading anything
+    check_out(out, format_, adapter_only)  # before loading anything
     run = load_run(model, "cpu")
-    path = export(run, out, format_, dtype)
+    path = export(run, out, format_, dtype, adapter_only)
     ui.console.print(f"Exported {run.run_dir} (step {run.state.get('step', 0):,}) to "
                      f"[bold]{path}[/].")
-    if format_ == "hf":
+    if adapter_only:
+        hint = f"PeftModel.from_pretrained(base_model, {str(path)!r})"
+    elif format_ == "hf":
         hint = f"AutoModelForCausalLM.from_pretrained({str(path)!r})"
     else:
         hint = f"llama-cli -m {path}  ·  ollama create NAME -f Modelfile (FROM ./{path.name})"

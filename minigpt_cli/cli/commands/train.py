@@ -25,6 +25,8 @@ EXAMPLES = """Examples:
 
   minigpt train --out runs/my-run --resume --max-steps 5000
 
+  minigpt train --init runs/base --lora 8 --dataset mytext.txt --max-steps 500
+
   minigpt train --preset gpt2 --nproc 8 --compile
 
   torchrun --nproc-per-node 8 -m minigpt_cli train --preset gpt2 --compile
@@ -60,6 +62,10 @@ def train(
     init: Annotated[str | None, typer.Option(
         help="Start from these weights (and their tokenizer): a Hugging Face GPT-2 folder, "
              "hf:NAME or a minigpt run.")] = None,
+    lora: Annotated[int | None, typer.Option(
+        "--lora", metavar="RANK",
+        help="Fine-tune --init with LoRA adapters of this rank (lora.rank); the base "
+             "stays frozen and checkpoints hold the adapters only.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     nproc: Annotated[int | None, typer.Option(
         help="Train in this many processes on this machine (one per GPU; DDP, or FSDP "
@@ -74,11 +80,15 @@ def train(
 
     if resume and out is None:
         raise MiniGPTError("--resume needs --out DIR, the run to continue")
+    if lora is not None and lora <= 0:
+        raise MiniGPTError(f"--lora (lora.rank) must be a positive rank, got {lora}",
+                           "ranks of 4 to 64 are usual; leave it out to train every weight")
     overrides = list(set_ or [])
     for key, value in (("data.dataset", dataset), ("tokenizer.spec", tokenizer),
                        ("train.max_steps", max_steps), ("train.epochs", epochs),
                        ("train.seed", seed), ("train.device", device),
-                       ("train.compile", compile_), ("train.init", init)):
+                       ("train.compile", compile_), ("train.init", init),
+                       ("lora.rank", lora)):
         if value is not None:
             overrides.append(f"{key}={_yaml_scalar(value)}")
     cfg = Config.from_sources(preset, config, overrides)
@@ -191,8 +201,11 @@ def _train_rank(cfg, out, resume, changed, rank) -> None:
     title = f"minigpt train · {run.run_dir}"
     if rank.enabled:
         title += f" · {rank.world_size} processes ({run.config.train.strategy})"
+    from minigpt_cli.model.lora import count_parameters
+
+    trainable, total = count_parameters(model)
     view = TrainingView(ui.console, title, run.device, run.trainer.precision.name,
-                        model.num_params())
+                        total, trainable)
     if main:
         run.trainer.callbacks.append(view)
         for note in run.notes:
@@ -274,7 +287,7 @@ def _yaml_scalar(value) -> str:
 def _differences(cfg, default) -> set[str]:
     """Keys where ``cfg`` differs from ``default`` (for --resume with a preset/config)."""
     out = set()
-    for section in ("model", "tokenizer", "data", "train"):
+    for section in ("model", "tokenizer", "data", "train", "lora"):
         for key, value in vars(getattr(cfg, section)).items():
             if getattr(getattr(default, section), key) != value:
                 out.add(f"{section}.{key}")
