@@ -121,7 +121,7 @@ class Template:
         flags of the piece it starts in (a token merged across two pieces gets the first's)."""
         full = tokenizer.encode("".join(p.text for p in segment))
         bounds, prefix = [0], ""  # bounds[k]: the first token of piece k
-        for prev, p in zip(segment, segment[1:]):
+        for prev, p in zip(segment, segment[1:], strict=False):
             prefix += prev.text
             if p.trained == prev.trained and not p.turn_start:
                 bounds.append(bounds[-1])  # same flags: where one ends does not matter

@@ -293,7 +293,7 @@ def pieces(chat: ChatTokens, seq_len: int) -> tuple[list[tuple[int, int]], int, 
     conv_starts = np.flatnonzero(flags & CONV_START).tolist() + [len(flags)]
     turn_starts = np.flatnonzero(flags & TURN_START)
     spans, cut, truncated = [], 0, 0
-    for a, b in zip(conv_starts, conv_starts[1:]):
+    for a, b in zip(conv_starts, conv_starts[1:], strict=False):
         if b - a <= seq_len:
             spans.append((a, b))
             continue

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import minigpt_tokenizers
 import pytest
+
+import minigpt_tokenizers
 from minigpt_cli.chat.template import TEMPLATES, save_run_template, template_for_run
 from minigpt_cli.errors import MiniGPTError
 
