@@ -337,3 +337,17 @@ def pack(chat: ChatTokens, seq_len: int, pad_id: int) -> Packed:
             pos += b - a
         mask[r * seq_len] = False  # its target would be predicted from the row before
     return Packed(tokens, mask, n, chat.num_conversations, cut, truncated, int(mask.sum()))
+
+
+def chat_stats(source: ChatSource, tokenizer, template, context: int) -> dict[str, Any]:
+    """Per split: conversations, tokens, trained (assistant) tokens, and how many
+    conversations training with a context of ``context`` tokens would cut."""
+    splits = {}
+    for split in source.splits():
+        cached = chat_token_cache(source, split, tokenizer, template)
+        packed = pack(cached, context, tokenizer.eot_id)
+        splits[split] = {"conversations": cached.num_conversations,
+                         "tokens": cached.num_tokens,
+                         "trained_tokens": int(((np.asarray(cached.flags) & TRAINED) != 0).sum()),
+                         "cut": packed.cut, "truncated": packed.truncated, "rows": packed.rows}
+    return {"template": template.name, "context": context, "splits": splits}
