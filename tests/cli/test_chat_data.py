@@ -45,6 +45,9 @@ def test_a_folder_with_train_and_valid_jsonl(tmp_path, cache_dir, cli):
     reply = cli.ok_text("generate", "--model", out, "--chat", "--prompt", "Hi",
                         "--max-new-tokens", "3", "--seed", "1", "--json")
     assert json.loads(reply)["samples"][0]["text"] is not None
+    scored = cli.ok_json("eval", "--model", out, "--json")
+    assert scored["scored"] == "assistant tokens"
+    assert scored["tokens"] == 2 * 3  # two replies: "Y", "o" and the end of turn
 
 
 def test_format_text_reads_jsonl_as_text_and_chat_insists(tmp_path, cache_dir, cli):

@@ -54,10 +54,10 @@ def command(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Per split: sizes, lengths of documents or lines, and the most frequent tokens."""
-    from minigpt_cli.cli.progress import DataProgress
-    from minigpt_cli.data.resolve import resolve_source
     from minigpt_cli.chat.template import DEFAULT_CHAT_TEMPLATE, get_template
+    from minigpt_cli.cli.progress import DataProgress
     from minigpt_cli.data.chat import ChatSource, chat_stats
+    from minigpt_cli.data.resolve import resolve_source
     from minigpt_cli.data.stats import UNITS, split_stats
     from minigpt_cli.run.load import load_config, load_tokenizer
 
