@@ -351,3 +351,20 @@ def chat_stats(source: ChatSource, tokenizer, template, context: int) -> dict[st
                          "trained_tokens": int(((np.asarray(cached.flags) & TRAINED) != 0).sum()),
                          "cut": packed.cut, "truncated": packed.truncated, "rows": packed.rows}
     return {"template": template.name, "context": context, "splits": splits}
+
+
+def example_row(packed: Packed, tokenizer, seq_len: int,
+                max_tokens: int = 80) -> list[tuple[str, bool]]:
+    """The start of the first training row as ``(text, trained)`` runs: which tokens the
+    loss counts, for the closing note of training."""
+    n = min(seq_len, max_tokens)
+    ids, mask = packed.tokens[:n].tolist(), packed.mask[:n].tolist()
+    while ids and ids[-1] == tokenizer.eot_id and not mask[len(ids) - 1]:
+        ids.pop()  # padding
+    runs: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != mask[start]:
+            runs.append((tokenizer.decode(ids[start:i]), bool(mask[start])))
+            start = i
+    return runs

@@ -53,6 +53,8 @@ class PreparedRun:
     device: torch.device
     resumed_from: Path | None
     notes: list[str]  # things the user should know, e.g. a damaged checkpoint was skipped
+    # conversations: the start of the first training row as (text, trained) runs
+    chat_example: list[tuple[str, bool]] | None = None
 
 
 def default_run_dir(config: Config, root: Path = paths.RUNS_DIR) -> Path:
@@ -305,4 +307,8 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
         if dist.is_main:
             metrics.truncate_after(trainer.step)
             atomic_write_text(run_dir / layout.CONFIG_FILE, config.to_yaml())  # changes
-    return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from, notes)
+    packed = splits["train"].packed
+    example = (None if packed is None else
+               chat.example_row(packed, tokenizer, config.model.max_seq_length))
+    return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from, notes,
+                       example)
