@@ -83,3 +83,59 @@ def test_the_exported_files_carry_the_template_and_tokens(exported):
     assert hf("<|endoftext|>", add_special_tokens=False)["input_ids"] == \
         tok.encode("<|endoftext|>")
     assert hf.decode([tok.special_id("<|im_end|>")]) == "<|im_end|>"
+
+
+def test_an_exported_chat_run_answers_in_transformers_as_in_minigpt(tmp_path):
+    """A run fine-tuned with the minigpt template, exported: transformers' greedy reply to
+    apply_chat_template's prompt is minigpt's reply, and both end at the end of turn."""
+    import json
+
+    import torch
+    import transformers
+
+    from minigpt_cli.chat.template import save_run_template
+    from minigpt_cli.config import Config, ModelConfig
+    from minigpt_cli.convert.export import export
+    from minigpt_cli.generate.decoding import SamplingSettings
+    from minigpt_cli.generate.engine import Engine
+    from minigpt_cli.model.gpt import GPT
+    from minigpt_cli.run import layout
+    from minigpt_cli.run.checkpoint import save_checkpoint
+    from minigpt_cli.run.load import load_run
+
+    template = TEMPLATES["minigpt"]
+    tok = minigpt_tokenizers.create("byte")
+    tok.add_special_tokens(template.special_tokens)
+    end = tok.special_id("<|end|>")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_length=64, embed_dim=32,
+                      num_heads=2, num_layers=2, ff_dim=64, dropout=0.0)
+    torch.manual_seed(3)
+    model = GPT(cfg)
+    with torch.no_grad():  # far from flat logits, and an end of turn that comes soon
+        model.transformer.wte.weight.mul_(20)
+        model.transformer.wte.weight[end] *= 1.5
+    config = Config()
+    config.model = cfg
+    run_dir = layout.create_run_dir(tmp_path / "run")
+    layout.write_run_files(run_dir, config, tok)
+    save_run_template(run_dir, template)
+    save_checkpoint(run_dir, 1, model, state={"best_val_loss": 1.0}, training_tensors={},
+                    best=True)
+    run = load_run(run_dir)
+    out = export(run, tmp_path / "hf", "hf")
+    assert end in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    ids = hf_ids(hf_tok, messages, True)
+    assert ids == template.render(tok, messages, True).ids
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=30,
+                                   do_sample=False)[0, len(ids):].tolist()
+    *_, result = Engine(run.model, tok).generate(
+        ids, SamplingSettings(max_new_tokens=30, temperature=0), template.stop_ids(tok))
+    ours = result.samples[0]
+    if ours.finish_reason == "eot":  # transformers keeps the end token, minigpt drops it
+        assert theirs == [*ours.tokens, end] or theirs == [*ours.tokens, tok.eot_id]
+    else:
+        assert theirs == ours.tokens
