@@ -137,3 +137,19 @@ def test_fine_tuning_teaches_a_rule(tmp_path, cache_dir):
     rate = learned_rate(tmp_path, 3, "model.max_seq_length=64", "train.max_steps=300",
                         "train.learning_rate=0.003")
     assert rate >= 0.8, rate  # chance: 1 in 17,576
+
+
+def test_resuming_a_chat_run_is_exact(tmp_path, cache_dir, train_config, untimed_records,
+                                      stop_after):
+    from minigpt_cli.train.trainer import TrainingStopped
+
+    data = write_chat(tmp_path / "c.jsonl", [(f"q{i}", f"answer {i}") for i in range(60)])
+    full = setup.prepare(train_config(data, "train.max_steps=8"), tmp_path / "full")
+    full.trainer.fit()
+    run = setup.prepare(train_config(data, "train.max_steps=8"), tmp_path / "part")
+    stop_after(run, 3)
+    with pytest.raises(TrainingStopped):
+        run.trainer.fit()
+    setup.prepare(train_config(data, "train.max_steps=8"), tmp_path / "part",
+                  resume=True).trainer.fit()
+    assert untimed_records(tmp_path / "part") == untimed_records(tmp_path / "full")
