@@ -108,10 +108,16 @@ class TokenizerConfig:
 class DataConfig:
     dataset: str = "stdlib-docs"
     val_fraction: float = 0.1  # for a single text file: the last part becomes validation
+    format: str = "auto"  # auto (by content) | text | chat (JSONL conversations)
+    template: str = "minigpt"  # the chat template conversations are rendered with
 
     def validate(self) -> None:
         if not self.dataset.strip():
             raise ConfigError("data.dataset must not be empty")
+        if self.format not in ("auto", "text", "chat"):
+            raise ConfigError(f"data.format must be auto, text or chat, got '{self.format}'")
+        if not self.template.strip():
+            raise ConfigError("data.template must not be empty")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 

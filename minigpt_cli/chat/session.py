@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from minigpt_cli.chat.template import TEMPLATES, Turn
+from minigpt_cli.chat.template import TEMPLATES, Template, Turn
 from minigpt_cli.chat.transcript import from_json, parse_transcript, transcript
 from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.generate.decoding import SamplingSettings
@@ -70,11 +70,12 @@ class ChatSession:
     """A conversation with a model: its turns, template, settings and commands."""
 
     def __init__(self, engine: Engine, settings: SamplingSettings | None = None,
-                 template: str = "plain", system: str = "", model_label: str = ""):
-        assert template in TEMPLATES, template
+                 template: str | Template = "plain", system: str = "", model_label: str = ""):
+        template = TEMPLATES[template] if isinstance(template, str) else template
+        template.check_tokenizer(engine.tokenizer)  # a MiniGPTError when tokens are missing
         self.engine = engine
         self.settings = dataclasses.replace(settings or SamplingSettings(), num_samples=1)
-        self.template = TEMPLATES[template]
+        self.template = template
         self.system = system
         self.model_label = model_label
         self.turns: list[Turn] = []
@@ -89,14 +90,24 @@ class ChatSession:
         a reply outgrow the context; if even the newest turn is too long, only its end."""
         ctx = self.engine.context_length
         budget = ctx - min(self.settings.max_new_tokens, ctx // 2)
-        encode = self.engine.tokenizer.encode
         for start in range(len(self.turns)):
-            ids = encode(self.template.render(self.system, self.turns[start:], message))
+            ids = self.prompt_ids(self.turns[start:], message)
             if len(ids) <= budget:
                 return Prompt(ids, start, cropped=False)
         last = self.turns[-1:]
-        ids = encode(self.template.render(self.system, last, message))
+        ids = self.prompt_ids(last, message)
         return Prompt(ids[-budget:], len(self.turns) - len(last), cropped=len(ids) > budget)
+
+    def messages(self, turns: list[Turn], message: str) -> list[dict]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for t in turns:
+            out += [{"role": "user", "content": t.user},
+                    {"role": "assistant", "content": t.assistant}]
+        return [*out, {"role": "user", "content": message}]
+
+    def prompt_ids(self, turns: list[Turn], message: str) -> list[int]:
+        return self.template.render(self.engine.tokenizer, self.messages(turns, message),
+                                    add_generation_prompt=True).ids
 
     def respond(self, message: str) -> Iterator[str | Notice]:
         """Stream the reply to ``message``; the turn is recorded even if the reply is cut
@@ -108,7 +119,8 @@ class ChatSession:
         parts: list[str] = []
         strip = self.template.name == "chat"  # the reply follows "Assistant:" and a space
         try:
-            for event in self.engine.generate(prompt.ids, settings):
+            stop_ids = self.template.stop_ids(self.engine.tokenizer)
+            for event in self.engine.generate(prompt.ids, settings, stop_ids):
                 if isinstance(event, TextDelta):
                     text = event.text.lstrip() if strip and not parts else event.text
                     if text:
@@ -253,12 +265,16 @@ class ChatSession:
         current = self.template.name
         if saved.template is None or saved.template == current:
             return result
-        if saved.template in TEMPLATES:  # the turns read as they were written
-            self.template = TEMPLATES[saved.template]
+        saved_template = TEMPLATES.get(saved.template)
+        usable = saved_template is not None and all(
+            t in self.engine.tokenizer.added_tokens for t in saved_template.special_tokens)
+        if usable:  # the turns read as they were written
+            self.template = saved_template
             result.warnings.append(f"template {saved.template}, as saved (it was {current})")
         else:
+            lacks = "this version" if saved_template is None else "this model's tokenizer"
             result.warnings.append(f"{path} was saved with the template '{saved.template}', "
-                                   f"which this version lacks; keeping {current}")
+                                   f"which {lacks} lacks; keeping {current}")
         return result
 
 

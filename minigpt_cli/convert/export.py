@@ -82,7 +82,8 @@ def _export_hf(run: LoadedRun, out: Path) -> Path:
     cfg = run.config.model
 
     def write(tmp: Path) -> None:
-        save_hf_tokenizer(run.tokenizer, tmp, model_max_length=cfg.max_seq_length)
+        save_hf_tokenizer(run.tokenizer, tmp, model_max_length=cfg.max_seq_length,
+                          chat_template=_chat_template(run))
         if llama.family(cfg) == "llama":
             weights = llama.to_llama_state_dict(run.model)
             config = llama.llama_config(cfg, run.tokenizer.eot_id, run.model.tied)
@@ -192,7 +193,8 @@ def _export_gguf(run: LoadedRun, out: Path, dtype: str) -> Path:
     os.close(fd)
     tmp = Path(name)
     try:
-        export_gguf(run.model, run.tokenizer, tmp, dtype, name=run.run_dir.name)
+        export_gguf(run.model, run.tokenizer, tmp, dtype, name=run.run_dir.name,
+                    chat_template=_chat_template(run))
         tmp.chmod(FILE_MODE)
         if out.exists():  # appeared meanwhile: never replace it
             raise ConvertError(f"out {out} already exists", "choose a new path",
@@ -204,9 +206,24 @@ def _export_gguf(run: LoadedRun, out: Path, dtype: str) -> Path:
     return out
 
 
+def _chat_template(run: LoadedRun) -> str | None:
+    """The Jinja chat template of a run fine-tuned on conversations, else None."""
+    from minigpt_cli.chat.template import saved_template_name, template_for_run
+
+    if saved_template_name(run.run_dir) is None:
+        return None
+    return template_for_run(run.run_dir).chat_template
+
+
 def generation_config(run: LoadedRun) -> dict[str, Any]:
     eot = run.tokenizer.eot_id
-    config: dict[str, Any] = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+    eos: int | list[int] = eot
+    if _chat_template(run) is not None:
+        from minigpt_cli.chat.template import template_for_run
+
+        ends = template_for_run(run.run_dir).stop_ids(run.tokenizer)
+        eos = [eot, *ends] if ends else eot  # generation ends at the end of a turn too
+    config: dict[str, Any] = {"bos_token_id": eot, "eos_token_id": eos, "pad_token_id": eot,
                               **GENERATION_DEFAULTS}
     extra = range(run.tokenizer.vocab_size, run.config.model.vocab_size)
     if len(extra):  # padding rows of the embedding: minigpt never samples them either

@@ -61,7 +61,7 @@ class Vocab:
 
 
 def export_gguf(model, tokenizer, path: Path, dtype: str = "f32", *,
-                name: str = "minigpt") -> None:
+                name: str = "minigpt", chat_template: str | None = None) -> None:
     """Write ``model`` and ``tokenizer`` to ``path`` as a GGUF file of ``dtype``
     (``f32``, ``f16`` or ``q8_0``). Everything is checked before the file is opened."""
     if dtype not in DTYPES:
@@ -108,6 +108,8 @@ def export_gguf(model, tokenizer, path: Path, dtype: str = "f32", *,
         writer.add_eos_token_id(vocab.eot_id)
         writer.add_add_bos_token(False)  # minigpt encodes a prompt as it is
         writer.add_add_eos_token(False)
+        if chat_template:
+            writer.add_chat_template(chat_template)
 
         for tensor_name, data in tensors:
             array, qtype = encode_tensor(gguf, tensor_name, data, dtype)
@@ -241,6 +243,13 @@ def gguf_vocab(tokenizer, vocab_size: int) -> Vocab:
         raise ConvertError(f"tokenizer {tokenizer.spec} cannot be exported to GGUF: llama.cpp "
                            f"would not split text the way minigpt's {kind} tokenizer does",
                            f"GGUF export takes {EXPORTABLE}; or export to hf")
+    for token, i in sorted(tokenizer.added_tokens.items(), key=lambda kv: kv[1]):
+        while len(vocab.tokens) < i:  # ids the encoding leaves unused
+            vocab.tokens.append(f"[PAD{len(vocab.tokens)}]")
+            vocab.types.append(TOKEN_UNUSED)
+        assert len(vocab.tokens) == i, (token, i)
+        vocab.tokens.append(token)  # a chat template's token: control, as llama.cpp's own
+        vocab.types.append(TOKEN_CONTROL)
     n = len(vocab.tokens)
     if n > vocab_size:
         raise ConvertError(f"tokenizer {tokenizer.spec} has {n} tokens but the model only "

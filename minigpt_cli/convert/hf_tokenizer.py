@@ -112,13 +112,17 @@ def _special(content: str):
 
 # ---- minigpt -> Hugging Face ------------------------------------------------------------------
 
-def save_hf_tokenizer(tokenizer, out_dir: Path, model_max_length: int) -> None:
+def save_hf_tokenizer(tokenizer, out_dir: Path, model_max_length: int,
+                      chat_template: str | None = None) -> None:
     """Write Hugging Face tokenizer files for ``tokenizer`` into ``out_dir``.
 
     ``AutoTokenizer.from_pretrained(out_dir)`` then encodes any text (with
     ``add_special_tokens=False``) to the ids ``tokenizer.encode`` gives, special-token text
     included (except control/byte-piece spellings with sentencepiece unigram models: see
-    the module docstring), and decodes ordinary ids to the same text. Raises
+    the module docstring), and decodes ordinary ids to the same text. The tokenizer's
+    added special tokens (a chat template's) are added tokens that are not "special" to
+    transformers, so that they are split out of text even with ``split_special_tokens``:
+    ``apply_chat_template`` with ``chat_template`` then gives minigpt's ids. Raises
     :class:`ConvertError` for a tokenizer that cannot be represented exactly; nothing is
     written then.
     """
@@ -144,6 +148,7 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, model_max_length: int) -> None:
                            "tokenizer cannot be written as a Hugging Face tokenizer", EXPORTABLE)
     assert backend.token_to_id(eot) == tokenizer.eot_id, (eot, tokenizer.eot_id)
     _check_same_ids(tokenizer, backend, spelled)
+    chat_tokens = _add_chat_tokens(tokenizer, backend)
 
     specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
     token_map = {"bos_token": eot, "eos_token": eot, "unk_token": unk or eot}
@@ -162,6 +167,12 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, model_max_length: int) -> None:
                      "rstrip": False, "single_word": False, "special": True}
             for content, i in sorted(specials.items(), key=lambda kv: kv[1])},
     }
+    for content, i in chat_tokens.items():
+        config["added_tokens_decoder"][str(i)] = {
+            "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": False}
+    if chat_template:
+        config["chat_template"] = chat_template
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / TOKENIZER_FILE, backend.to_str(pretty=False) + "\n")
@@ -169,6 +180,21 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, model_max_length: int) -> None:
     atomic_write_text(out_dir / SPECIAL_MAP_FILE, json.dumps(token_map, indent=2) + "\n")
     for name, text in extra_files.items():
         atomic_write_text(out_dir / name, text)
+
+
+def _add_chat_tokens(tokenizer, backend) -> dict[str, int]:
+    """The tokenizer's added special tokens as added tokens of ``backend``, same ids."""
+    from tokenizers import AddedToken
+
+    added = dict(sorted(tokenizer.added_tokens.items(), key=lambda kv: kv[1]))
+    for content, i in added.items():
+        if backend.get_vocab_size(with_added_tokens=True) != i:
+            raise ConvertError(f"the special token {content!r} (id {i}) cannot keep its id in "
+                               "a Hugging Face tokenizer", EXPORTABLE)
+        backend.add_tokens([AddedToken(content, special=False, normalized=False, lstrip=False,
+                                       rstrip=False, single_word=False)])
+        assert backend.token_to_id(content) == i, (content, i)
+    return added
 
 
 def _check_same_ids(tokenizer, backend, spelled: tuple[str, ...] = ()) -> None:

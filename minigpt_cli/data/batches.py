@@ -19,10 +19,11 @@ import torch
 
 class WindowSampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, mask: np.ndarray | None = None):
         assert 0 <= rank < world_size
         assert len(tokens) > seq_len, "check_length() guards this"
         self.tokens = tokens
+        self.mask = mask  # conversations: which tokens are targets (see data/chat.py)
         self.seq_len = seq_len
         self.seed = seed
         self.rank, self.world_size = rank, world_size
@@ -54,7 +55,7 @@ class WindowSampler:
         return out
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_at(self.tokens, self.next_starts(batch_size), self.seq_len)
+        return batch_at(self.tokens, self.next_starts(batch_size), self.seq_len, self.mask)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "n_windows": self.n_windows}
@@ -63,15 +64,24 @@ class WindowSampler:
         self.consumed = int(state["consumed"])
 
 
-def batch_at(tokens: np.ndarray, starts: np.ndarray, seq_len: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, (B, T) int64 each, for windows starting at ``starts``."""
+def batch_at(tokens: np.ndarray, starts: np.ndarray, seq_len: int,
+             mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, (B, T) int64 each, for windows starting at ``starts``;
+    with ``mask``, targets where it is False are -1 (not scored)."""
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     block = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
-    return block[:, :-1], block[:, 1:]
+    x, y = block[:, :-1], block[:, 1:]
+    if mask is not None:
+        y = y.masked_fill(torch.from_numpy(~np.asarray(mask[idx[:, 1:]], dtype=bool)), -1)
+    return x, y
 
 
-def eval_starts(n_tokens: int, seq_len: int, count: int) -> np.ndarray:
-    """``count`` fixed window starts spread evenly over a split (the same every evaluation)."""
+def eval_starts(n_tokens: int, seq_len: int, count: int, rows: bool = False) -> np.ndarray:
+    """``count`` fixed window starts spread evenly over a split (the same every evaluation);
+    with ``rows``, starts of whole rows of ``seq_len`` (packed conversations)."""
+    if rows:
+        n_rows = (n_tokens - 1) // seq_len
+        return np.unique(np.linspace(0, n_rows - 1, num=count).round().astype(np.int64)) \
+            * seq_len
     last = n_tokens - seq_len - 1
     return np.unique(np.linspace(0, max(last, 0), num=count).round().astype(np.int64))

@@ -34,10 +34,10 @@ class HubSource(DataSource):
     """A dataset from the Hugging Face Hub (or its local cache)."""
 
     def __init__(self, path: str, config: str | None, val_fraction: float = 0.1,
-                 name: str | None = None):
+                 name: str | None = None, dsd: Any = None):
         self.name = name or (f"hf:{path}:{config}" if config else f"hf:{path}")
         self.path, self.config = path, config
-        dsd = load(path, config, self.name)
+        dsd = load(path, config, self.name) if dsd is None else dsd
         # canonical split -> (hf split name, first row, end row)
         self._parts: dict[str, tuple[str, int, int]] = {}
         self._data: dict[str, Any] = {}
@@ -112,6 +112,40 @@ class HubSource(DataSource):
                 "text_column": self.column,
                 "splits": {s: {"hf_split": p[0], "rows": p[2] - p[1]}
                            for s, p in self._parts.items()}}
+
+
+def hub_source(path: str, config: str | None, val_fraction: float, name: str,
+               fmt: str = "auto") -> DataSource:
+    """A text source, or conversations when the dataset has a ``messages`` column (unless
+    ``fmt`` is ``text``; ``chat`` insists on one)."""
+    dsd = load(path, config, name)
+    first = dsd[next(iter(dsd))]
+    has_messages = "messages" in (getattr(first, "column_names", None) or [])
+    if fmt == "chat" and not has_messages:
+        raise DataError(f"{name} has no 'messages' column, so it is not chat data",
+                        "set data.format to text, or use a dataset of conversations")
+    if fmt == "text" or not has_messages:
+        return HubSource(path, config, val_fraction, name, dsd)
+    return _chat_source(dsd, val_fraction, name)
+
+
+def _chat_source(dsd: Any, val_fraction: float, name: str) -> DataSource:
+    from minigpt_cli.data.chat import ChatSource, check_conversation, split_last
+
+    parts: dict[str, list] = {}
+    for hf_split in dsd:
+        canonical = "val" if hf_split in VAL_NAMES else hf_split
+        if canonical in parts:
+            continue
+        rows = dsd[hf_split]["messages"]
+        parts[canonical] = [check_conversation({"messages": m}, f"{name} {hf_split} row {i}")
+                            for i, m in enumerate(rows)]
+    if "train" not in parts:
+        raise DataError(f"{name} has no train split", f"its splits are {', '.join(dsd)}")
+    if "val" not in parts:
+        parts.update(split_last(parts.pop("train"), val_fraction, name))
+    order = [s for s in SPLITS if s in parts]
+    return ChatSource(name, {s: parts[s] for s in order + sorted(set(parts) - set(order))})
 
 
 def text_column(ds: Any, name: str) -> str:

@@ -13,6 +13,11 @@ Accepted forms, checked in this order:
 * a folder with ``train.txt``/``valid.txt``/``val.txt``/``validation.txt``/``test.txt`` or
   WikiText's ``wiki.{train,valid,test}.{tokens,raw}``. Without a validation file, the train
   file is split by position as for a single file.
+
+Conversations (``chat.py``): a JSONL file whose first line is ``{"messages": [...]}``, a
+folder with ``train.jsonl`` (and ``valid.jsonl``), or ``hf:NAME`` with a ``messages``
+column are read as chat data; ``fmt`` (``data.format``) ``chat`` insists on it and ``text``
+reads them as plain text.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 from pathlib import Path
 
 from minigpt_cli import paths
-from minigpt_cli.data import corpus, hub
+from minigpt_cli.data import chat, corpus, hub
 from minigpt_cli.data.files import (
     FileSource,
     Segment,
@@ -37,7 +42,7 @@ ACCEPTED = ("a text file, a folder with train/valid/test text files, wikitext-2,
             "wikitext-103, tinyshakespeare, hf:NAME[:CONFIG] or stdlib-docs")
 
 
-def resolve_source(dataset: str, val_fraction: float = 0.1, *,
+def resolve_source(dataset: str, val_fraction: float = 0.1, fmt: str = "auto", *,
                    cache_dir: Path | None = None) -> DataSource:
     """Turn ``data.dataset`` into a :class:`DataSource` (forms in the module docstring).
 
@@ -54,7 +59,8 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, *,
             path, _, config = spec[3:].partition(":")
             if not path.strip():
                 raise DataError(f"'{spec}' names no dataset", "write hf:NAME or hf:NAME:CONFIG")
-            return hub.HubSource(path.strip(), config.strip() or None, val_fraction, spec)
+            return hub.hub_source(path.strip(), config.strip() or None, val_fraction, spec,
+                                  fmt)
         return hub.HubSource("Salesforce/wikitext", f"{spec}-raw-v1", val_fraction, spec)
     if spec == "stdlib-docs":
         return _stdlib_docs(val_fraction, cache_dir)
@@ -63,6 +69,10 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, *,
         return FileSource(spec, split_by_position(
             Segment(path, check_text_file(path), path.stat().st_size), val_fraction))
     path = Path(spec).expanduser()
+    if path.is_file() and (fmt == "chat" or (fmt == "auto" and chat.looks_like_chat(path))):
+        return chat.file_source(spec, path, val_fraction)
+    if path.is_dir() and fmt != "text" and (fmt == "chat" or chat.chat_folder_files(path)):
+        return chat.folder_source(spec, path, val_fraction)
     if path.is_file():
         start = check_text_file(path)
         return FileSource(spec, split_by_position(Segment(path, start, path.stat().st_size),

@@ -184,6 +184,38 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, seq_len:
     return EvalResult(total_nll, scored, num_bytes, num_words)
 
 
+@torch.inference_mode()
+def evaluate_masked(model: torch.nn.Module, tokens: np.ndarray, mask: np.ndarray,
+                    seq_len: int, batch_size: int, device: torch.device | str,
+                    precision: Precision, progress: Progress | None = None) -> EvalResult:
+    """Score packed conversations (``data.chat.pack``): every row once, and only the
+    targets ``mask`` marks (the assistant's tokens)."""
+    from minigpt_cli.data.batches import batch_at
+
+    device = torch.device(device)
+    starts = np.arange((len(tokens) - 1) // seq_len, dtype=np.int64) * seq_len
+    total = int(mask.sum())
+    was_training = model.training
+    model.eval()
+    total_nll, scored = 0.0, 0
+    if progress:
+        progress(0, total)
+    try:
+        for i in range(0, len(starts), batch_size):
+            idx, targets = batch_at(tokens, starts[i:i + batch_size], seq_len, mask)
+            with precision.autocast(device):
+                _, loss = model(idx.to(device), targets.to(device), reduction="sum")
+            total_nll += float(loss.double())
+            scored += int((targets != -1).sum())
+            if progress:
+                progress(scored, total)
+    finally:
+        model.train(was_training)
+    if not scored:
+        raise MiniGPTError("the conversations have no assistant tokens to score")
+    return EvalResult(total_nll, scored)
+
+
 def _batches(ws: Iterator[Window], batch_size: int) -> Iterator[list[Window]]:
     """Group windows of the same length (only the last window can be shorter)."""
     batch: list[Window] = []

@@ -126,8 +126,10 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return ids or [self.tokenizer.eot_id]  # nothing to continue: start a new document
 
-    def generate(self, prompt: str | Sequence[int],
-                 settings: SamplingSettings) -> Iterator[Event]:
+    def generate(self, prompt: str | Sequence[int], settings: SamplingSettings,
+                 stop_ids: Sequence[int] = ()) -> Iterator[Event]:
+        """Stream events for ``prompt``; a sample ends at end-of-text or any of ``stop_ids``
+        (a chat template's end of turn), which are not part of its text."""
         settings.validate()
         t0 = time.perf_counter()
         ids = self.encode_prompt(prompt)
@@ -153,7 +155,7 @@ class Engine:
                 if settings.repetition_penalty != 1.0 else None
         logits = lm.prefill(prompt)
 
-        eot, generated, ttft = self.tokenizer.eot_id, 0, None
+        ends, generated, ttft = {self.tokenizer.eot_id, *stop_ids}, 0, None
         for step in range(settings.max_new_tokens):
             nxt = self._sample(logits, settings, gen, recent)
             if recent is not None:
@@ -166,7 +168,7 @@ class Engine:
                 if s.finish_reason is not None:
                     continue
                 generated += 1
-                if tokens[i] == eot:
+                if tokens[i] in ends:
                     yield from self._finish(i, s, "eot")
                     continue
                 text, stopped = s.push(tokens[i])

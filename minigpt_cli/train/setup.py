@@ -19,7 +19,9 @@ import torch
 
 import minigpt_tokenizers
 from minigpt_cli import paths
+from minigpt_cli.chat.template import get_template, save_run_template
 from minigpt_cli.config import Config
+from minigpt_cli.data import chat
 from minigpt_cli.data.resolve import resolve_source
 from minigpt_cli.data.token_cache import check_length, token_cache
 from minigpt_cli.device import configure_backends, select_device, select_precision
@@ -51,6 +53,8 @@ class PreparedRun:
     device: torch.device
     resumed_from: Path | None
     notes: list[str]  # things the user should know, e.g. a damaged checkpoint was skipped
+    # conversations: the start of the first training row as (text, trained) runs
+    chat_example: list[tuple[str, bool]] | None = None
 
 
 def default_run_dir(config: Config, root: Path = paths.RUNS_DIR) -> Path:
@@ -128,6 +132,17 @@ def init_source(config: Config, changed: set[str]):
     return start
 
 
+def grow_vocab(start, vocab_size: int) -> None:
+    """Make room for new tokens (a chat template's) in a model to fine-tune: new rows of
+    the embedding (tied with the output head) start at the mean of the existing ones."""
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        w = start.state_dict.get(key)
+        if w is not None and w.size(0) < vocab_size:
+            extra = w.float().mean(0, keepdim=True).to(w.dtype).expand(vocab_size - w.size(0), -1)
+            start.state_dict[key] = torch.cat([w, extra])
+    start.model = dataclasses.replace(start.model, vocab_size=vocab_size)
+
+
 def prepare(config: Config, out: Path | None, resume: bool = False,
             changed: set[str] = frozenset(), callbacks: list[Callback] = (),
             progress: Progress | None = None) -> PreparedRun:
@@ -158,9 +173,49 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     raw, run_dir, resumed_from = shared
     config = Config.from_dict(raw).validate()  # rank 0's, with the changes of a resume
     tokenizer = load_tokenizer(run_dir)
-    source = resolve_source(config.data.dataset, config.data.val_fraction)
-    splits = {split: token_cache(source, split, tokenizer) for split in ("train", "val")}
+    source = _source(config)
+    splits = load_splits(config, source, tokenizer)
     return _build(config, run_dir, tokenizer, splits, resumed_from, [], None, resume, device, [])
+
+
+@dataclass
+class Split:
+    """What the trainer reads of a split: token ids, and for conversations which are
+    targets (``mask``) and how the conversations were packed."""
+
+    tokens: object
+    mask: object = None
+    packed: chat.Packed | None = None
+
+
+def _source(config: Config):
+    source = resolve_source(config.data.dataset, config.data.val_fraction, config.data.format)
+    if isinstance(source, chat.ChatSource):
+        source.template = get_template(config.data.template, "data.template")
+    return source
+
+
+def load_splits(config: Config, source, tokenizer, progress: Progress | None = None
+                ) -> dict[str, Split]:
+    """The train and val splits, from the token cache; conversations packed into rows."""
+    report = progress or (lambda stage, done, total: None)
+    splits = {}
+    for split in ("train", "val"):
+        def on_progress(done: int, total: int, split: str = split) -> None:
+            report(f"tokenizing {split}", done, total)
+        if isinstance(source, chat.ChatSource):
+            cached = chat.chat_token_cache(source, split, tokenizer, source.template,
+                                           progress=on_progress)
+            packed = chat.pack(cached, config.model.max_seq_length, tokenizer.eot_id)
+            if not packed.trained_tokens:
+                raise DataError(f"the {split} split of {source.name} has no assistant tokens "
+                                "to learn from")
+            splits[split] = Split(packed.tokens, packed.mask, packed)
+        else:
+            arr = token_cache(source, split, tokenizer, progress=on_progress)
+            check_length(arr, config.model.max_seq_length, split)
+            splits[split] = Split(arr.tokens)
+    return splits
 
 
 def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[str],
@@ -186,7 +241,8 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
         start = resumed_base(out, resumed_from, config)
     if config.lora.enabled:
         lora.check_targets(config.model, config.lora)  # before anything is written
-    source = resolve_source(config.data.dataset, config.data.val_fraction)
+    source = _source(config)
+    template = source.template if isinstance(source, chat.ChatSource) else None
     if resume:
         tokenizer = load_tokenizer(out)
     elif start is not None:
@@ -195,6 +251,11 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
         report(f"preparing tokenizer {config.tokenizer.spec}", 0, 0)
         tokenizer = minigpt_tokenizers.create(config.tokenizer.spec,
                                               lambda: source.iter_text("train"))
+    if template is not None and not resume:
+        tokenizer.add_special_tokens(template.special_tokens)
+        if start is not None and tokenizer.vocab_size > config.model.vocab_size:
+            grow_vocab(start, tokenizer.vocab_size)
+            config.model = start.model
     if config.model.vocab_size is None:
         config.model.vocab_size = tokenizer.vocab_size
     elif config.model.vocab_size < tokenizer.vocab_size:
@@ -202,18 +263,15 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
                           f"tokenizer's vocabulary ({tokenizer.vocab_size})",
                           "remove model.vocab_size or raise it")
 
-    splits = {}
-    for split in ("train", "val"):
-        def on_progress(done: int, total: int, split: str = split) -> None:
-            report(f"tokenizing {split}", done, total)
-        splits[split] = token_cache(source, split, tokenizer, progress=on_progress)
-        check_length(splits[split], config.model.max_seq_length, split)
+    splits = load_splits(config, source, tokenizer, report)
 
     if resume:
         run_dir = out
     else:
         run_dir = layout.create_run_dir(out)
         layout.write_run_files(run_dir, config, tokenizer)
+        if template is not None:
+            save_run_template(run_dir, template)
     return config, run_dir, tokenizer, splits, resumed_from, notes, start
 
 
@@ -260,7 +318,7 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
     reporters = [MetricsWriter(metrics), *callbacks] if dist.is_main else []
     trainer = Trainer(model, config.train, splits["train"].tokens, splits["val"].tokens,
                       config.model.max_seq_length, device, precision, run_dir, reporters,
-                      fpt, peak)
+                      fpt, peak, splits["train"].mask, splits["val"].mask)
     trainer.base = base
     if resumed_from is not None:
         trainer.restore(resumed_from)
@@ -275,4 +333,8 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
         if dist.is_main:
             metrics.truncate_after(trainer.step)
             atomic_write_text(run_dir / layout.CONFIG_FILE, config.to_yaml())  # changes
-    return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from, notes)
+    packed = splits["train"].packed
+    example = (None if packed is None else
+               chat.example_row(packed, tokenizer, config.model.max_seq_length))
+    return PreparedRun(config, run_dir, trainer, tokenizer, device, resumed_from, notes,
+                       example)

@@ -66,7 +66,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, train_tokens: np.ndarray,
                  val_tokens: np.ndarray, seq_len: int, device: torch.device,
                  precision: Precision, run_dir: Path, callbacks: list[Callback] = (),
-                 flops_per_token: float | None = None, peak_flops: float | None = None):
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 train_mask: np.ndarray | None = None, val_mask: np.ndarray | None = None):
         self.dist = distributed.info()
         self.sharded = self.dist.enabled and cfg.strategy == "fsdp"
         if self.sharded:
@@ -86,8 +87,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.train_tokens = train_tokens
         self.val_tokens = val_tokens
+        self.val_mask = val_mask  # conversations: only the assistant's tokens are scored
         self.sampler = WindowSampler(train_tokens, seq_len, cfg.seed, self.dist.rank,
-                                     self.dist.world_size)
+                                     self.dist.world_size, train_mask)
         self.total_steps = total_steps_for(cfg, self.sampler.n_windows, self.dist.world_size)
         # one kernel per step instead of one per tensor (not for FSDP's sharded DTensors)
         fused = device.type in ("cuda", "cpu") and not self.sharded
@@ -239,16 +241,18 @@ class Trainer:
         self.model.eval()
         bs, world, rank = self.cfg.batch_size, self.dist.world_size, self.dist.rank
         starts = eval_starts(len(self.val_tokens), self.seq_len,
-                             self.cfg.eval_iters * bs * world)  # eval_iters batches a rank
+                             self.cfg.eval_iters * bs * world,  # eval_iters batches a rank
+                             rows=self.val_mask is not None)
         batches = [starts[i:i + bs] for i in range(0, len(starts), bs)]
         sums = torch.zeros(2, device=self.device)  # summed loss, tokens
         for i in range(rank, math.ceil(len(batches) / world) * world, world):
-            x, y = batch_at(self.val_tokens, batches[min(i, len(batches) - 1)], self.seq_len)
+            x, y = batch_at(self.val_tokens, batches[min(i, len(batches) - 1)], self.seq_len,
+                            self.val_mask)
             with self.precision.autocast(self.device):
                 _, loss = self.model(x.to(self.device), y.to(self.device), reduction="sum")
             if i < len(batches):  # past the end: a repeated batch, run but not counted
                 sums[0] += loss.float()
-                sums[1] += y.numel()
+                sums[1] += (y != -1).sum()
         self.model.train()
         total, count = distributed.total(sums).tolist()
         return total / count

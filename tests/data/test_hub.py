@@ -99,3 +99,25 @@ def test_hf_source_with_fake_dataset(monkeypatch, tmp_path, byte_tok, joined):
     monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None: numbers)
     with pytest.raises(DataError, match="no text column"):
         resolve_source("hf:me/numbers")
+
+
+def test_hf_messages_column_is_chat_data(monkeypatch):
+    """A dataset with a ``messages`` column (smol-smoltalk's shape) reads as conversations:
+    its own test split kept, the last 10% of train as validation; a bad row names itself."""
+    datasets = pytest.importorskip("datasets")
+    from minigpt_cli.data import hub
+    from minigpt_cli.data.chat import ChatSource
+
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    rows = {"train": [conv] * 20, "test": [conv] * 2}
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None: datasets.DatasetDict(
+        {k: datasets.Dataset.from_dict({"messages": v, "source": ["x"] * len(v)})
+         for k, v in rows.items()}))
+    source = resolve_source("hf:HuggingFaceTB/smol-smoltalk")
+    assert isinstance(source, ChatSource) and source.splits() == ["train", "val", "test"]
+    assert len(source.conversations("train")) == 18 and source.conversations("val")[0] == conv
+    assert not isinstance(resolve_source("hf:someone/chats", fmt="text"), ChatSource)
+    rows["train"] = [conv] * 3 + [[{"role": "user", "content": "no reply"}]]
+    with pytest.raises(DataError, match="train row 3: no assistant turn"):
+        resolve_source("hf:someone/chats")

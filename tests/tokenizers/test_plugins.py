@@ -148,6 +148,26 @@ def test_save_load_identical(tok, tmp_path, shakespeare):
     assert back.fingerprint() == tok.fingerprint() == tok.fingerprint()
 
 
+def test_special_tokens_are_added_saved_and_never_made_from_text(specs, training_text,
+                                                               tmp_path):
+    """Every built-in takes a chat template's tokens: new ids after its own, rendered as
+    their text, restored by load; typing them gives the ids of the text."""
+    for kind, spec in specs.items():
+        tok = mt.create(spec, training_text)
+        own, fingerprint = tok.vocab_size, tok.fingerprint()
+        ids = tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+        assert ids == [own, own + 1] and tok.vocab_size == own + 2
+        assert tok.add_special_tokens(["<|im_end|>"]) == [own + 1]  # already there
+        assert not set(ids) & set(tok.encode("<|im_start|>user<|im_end|>"))
+        assert tok.decode([*tok.encode("Hi"), ids[1]]) == "Hi<|im_end|>"
+        assert tok.decode_bytes([ids[0]]) == b"<|im_start|>"
+        assert tok.fingerprint() != fingerprint
+        tok.save(tmp_path / kind)
+        back = mt.load(tmp_path / kind)
+        assert back.added_tokens == tok.added_tokens and back.vocab_size == own + 2
+        assert back.encode("<|im_end|> ok") == tok.encode("<|im_end|> ok")
+
+
 def test_fingerprints_differ(made):
     assert len({t.fingerprint() for t in made.values()}) == len(made)
 

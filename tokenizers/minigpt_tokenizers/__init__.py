@@ -10,6 +10,12 @@ same group, in this package's ``pyproject.toml``::
 A spec names a plugin and, after the first colon, an argument the plugin interprets:
 ``byte``, ``char``, ``tiktoken:gpt2``, ``tiktoken:path/to/ranks.tiktoken``,
 ``sentencepiece:unigram:8000``.
+
+Special tokens (a chat template's ``<|im_start|>``, ``<|im_end|>``) are added to any
+tokenizer with :meth:`Tokenizer.add_special_tokens`: they take the ids after the plugin's
+own, are saved in ``tokenizer.json`` and restored by :func:`load`. Ordinary text never
+encodes to them (a user typing ``<|im_end|>`` gets the ids of that text); a template puts
+their ids in itself, and decoding renders them as their text.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ class Tokenizer(ABC):
     needs_training: bool = False
 
     spec: str
-    vocab_size: int
+    vocab_size: int  # the plugin's own tokens plus the added special tokens
     eot_id: int
+    #: special tokens added with add_special_tokens, text -> id (never mutated in place)
+    added_tokens: dict[str, int] = {}
 
     @classmethod
     @abstractmethod
@@ -76,12 +84,44 @@ class Tokenizer(ABC):
         """Encode several texts; plugins override this when they can do it in parallel."""
         return [self.encode(text) for text in texts]
 
+    def add_special_tokens(self, tokens: Iterable[str]) -> list[int]:
+        """Give each of ``tokens`` an id after the existing ones (a token already there
+        keeps its id); return their ids in order. Plain text never encodes to them."""
+        added = dict(self.added_tokens)
+        for token in tokens:
+            if not isinstance(token, str) or not token:
+                raise TokenizerError(f"a special token must be non-empty text, got {token!r}")
+            if token not in added:
+                added[token] = self.vocab_size
+                self.vocab_size += 1
+        self.added_tokens = added
+        return [added[t] for t in tokens]
+
+    def special_id(self, token: str) -> int:
+        """The id of an added special token (a TokenizerError when it was never added)."""
+        try:
+            return self.added_tokens[token]
+        except KeyError:
+            raise TokenizerError(f"the tokenizer has no special token {token!r}") from None
+
+    def added_token_bytes(self, i: int) -> bytes | None:
+        """The text of added special token ``i`` as UTF-8, or None when ``i`` is not one;
+        plugins' ``decode`` uses it for ids past their own vocabulary."""
+        if not self.added_tokens:
+            return None
+        table = getattr(self, "_added_by_id", None)
+        if table is None or len(table) != len(self.added_tokens):
+            table = self._added_by_id = {v: k.encode() for k, v in self.added_tokens.items()}
+        return table.get(i)
+
     def save(self, directory: Path) -> None:
         """Write the tokenizer's files and ``tokenizer.json`` into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         extra = self.save_files(directory)
         meta = {"name": self.name, "spec": self.spec, "vocab_size": self.vocab_size,
                 "eot_id": self.eot_id, **extra}
+        if self.added_tokens:
+            meta["added_tokens"] = dict(self.added_tokens)
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     def fingerprint(self) -> str:
@@ -150,7 +190,18 @@ def load(directory: Path) -> Tokenizer:
             _check_inside(directory, directory / value)
     for path in directory.iterdir():
         _check_inside(directory, path)
-    return plugin_class(name).load(directory, meta)
+    added = meta.pop("added_tokens", None) or {}
+    try:
+        added = sorted(((int(i), str(t)) for t, i in added.items()))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise TokenizerError(f"{meta_path}: 'added_tokens' is corrupt") from e
+    if added and isinstance(meta.get("vocab_size"), int):
+        meta["vocab_size"] -= len(added)  # what the plugin itself has
+    tok = plugin_class(name).load(directory, meta)
+    if [i for i, _ in added] != tok.add_special_tokens([t for _, t in added]):
+        raise TokenizerError(f"{meta_path}: the ids of 'added_tokens' do not follow the "
+                             "tokenizer's own vocabulary")
+    return tok
 
 
 def _check_inside(directory: Path, path: Path) -> None:

@@ -49,7 +49,8 @@ class ByteTokenizer(Tokenizer):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """End-of-text renders as nothing; ids outside the vocabulary as U+FFFD."""
+        """End-of-text renders as nothing, added special tokens as their text, other ids
+        outside the vocabulary as U+FFFD."""
         ids = list(ids)
         try:
             return bytes(ids)  # fast path: only byte ids
@@ -61,5 +62,5 @@ class ByteTokenizer(Tokenizer):
             if 0 <= i < 256:
                 out.append(i)
             elif i != EOT_ID:
-                out += REPLACEMENT
+                out += self.added_token_bytes(i) or REPLACEMENT
         return bytes(out)

@@ -83,8 +83,12 @@ class CharTokenizer(Tokenizer):
         return np.where(found, ids, self.unk_id).tolist()
 
     def decode(self, ids: Iterable[int]) -> str:
-        itos, n = self._itos, self.vocab_size
-        return "".join(itos[i] if 0 <= i < n else UNK_TEXT for i in map(int, ids))
+        itos, n = self._itos, len(self._itos)
+        return "".join(itos[i] if 0 <= i < n else self._other(i) for i in map(int, ids))
+
+    def _other(self, i: int) -> str:
+        special = self.added_token_bytes(i)
+        return UNK_TEXT if special is None else special.decode()
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.decode(ids).encode("utf-8", errors="surrogatepass")

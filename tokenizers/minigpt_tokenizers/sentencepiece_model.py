@@ -192,20 +192,21 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
-        if all(0 <= i < self.vocab_size for i in ids):
+        if all(0 <= i < len(self._piece_bytes) for i in ids):
             return self.sp.decode(ids)
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Piece by piece; differs from :meth:`decode` only for ids outside the vocabulary
         (U+FFFD) and where decode drops a leading space (models with a dummy prefix)."""
-        table, n = self._piece_bytes, self.vocab_size
-        return b"".join(table[i] if 0 <= i < n else "\ufffd".encode() for i in map(int, ids))
+        table, n = self._piece_bytes, len(self._piece_bytes)
+        return b"".join(table[i] if 0 <= i < n else self.added_token_bytes(i) or
+                        "\ufffd".encode() for i in map(int, ids))
 
     @cached_property
     def _piece_bytes(self) -> list[bytes]:
         sp, table = self.sp, []
-        for i in range(self.vocab_size):
+        for i in range(sp.get_piece_size()):
             piece = sp.id_to_piece(i)
             if sp.is_byte(i):  # "<0x0A>"
                 table.append(bytes([int(piece[3:5], 16)]))

@@ -177,7 +177,8 @@ class TiktokenTokenizer(Tokenizer):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """Special tokens render as their text; ids outside the vocabulary as U+FFFD."""
+        """Special tokens (the encoding's and added ones) render as their text; other ids
+        outside the vocabulary as U+FFFD."""
         ids = [int(i) for i in ids]
         try:
             return self.enc.decode_bytes(ids)
@@ -185,6 +186,9 @@ class TiktokenTokenizer(Tokenizer):
             return b"".join(self._token_bytes(i) for i in ids)
 
     def _token_bytes(self, i: int) -> bytes:
+        special = self.added_token_bytes(i)
+        if special is not None:
+            return special
         try:
             return self.enc.decode_single_token_bytes(i)
         except (KeyError, OverflowError, ValueError):

@@ -26,7 +26,7 @@ from minigpt_cli.errors import MiniGPTError
 
 EXAMPLES = """Examples:
 
-  minigpt chat    # the latest run under runs/, plain continuation
+  minigpt chat    # the latest run under runs/, in the chat template it was trained with
 
   minigpt chat --model runs/tiny --template chat --system 'You are terse.'
 
@@ -46,10 +46,11 @@ def register(app: typer.Typer) -> None:
 @ui.guarded
 def chat(
     model: ModelDir = None,
-    template: Annotated[str, typer.Option(
-        help="How turns become the model's text. plain: the model continues your text (base "
-             "models, trained on plain text). chat: 'User:' and 'Assistant:' turns (models "
-             "trained on such dialogue). Saved in transcripts; /load restores it.")] = "plain",
+    template: Annotated[str | None, typer.Option(
+        help="How turns become the model's text. Default: the template the run was "
+             "fine-tuned with, else plain (the model continues your text). chat: 'User:' "
+             "and 'Assistant:' lines; chatml and minigpt need their special tokens. Saved "
+             "in transcripts; /load restores it.")] = None,
     system: Annotated[str, typer.Option(help="Text placed before the conversation.")] = "",
     max_new_tokens: MaxNewTokens = 200,
     temperature: Temperature = 0.8,
@@ -63,9 +64,9 @@ def chat(
     quantize: Quantize = "none",
 ) -> None:
     """Chat with a trained model: streamed replies, history, slash commands."""
-    from minigpt_cli.chat.template import TEMPLATES
+    from minigpt_cli.chat.template import TEMPLATES, template_for_run
 
-    if template not in TEMPLATES:
+    if template is not None and template not in TEMPLATES:
         raise MiniGPTError(f"--template must be {' or '.join(TEMPLATES)}, got '{template}'")
     settings = sampling_settings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -83,7 +84,8 @@ def chat(
     quantize = check_quantize(quantize, dev)
     run = load_run(model, dev)
     quantize_model(run.model, quantize)
-    session = ChatSession(Engine(run.model, run.tokenizer, dev), settings, template=template,
+    session = ChatSession(Engine(run.model, run.tokenizer, dev), settings,
+                          template=template_for_run(run.run_dir, template),
                           system=system, model_label=str(run.run_dir))
     if not sys.stdin.isatty():
         try:

@@ -72,6 +72,7 @@ def eval_(
         raise MiniGPTError(f"--batch-size must be positive, got {batch_size}")
     import torch
 
+    from minigpt_cli.data.chat import ChatSource
     from minigpt_cli.data.resolve import resolve_source
     from minigpt_cli.device import configure_backends, select_device, select_precision
     from minigpt_cli.evaluate.perplexity import check_stride, record, result_key
@@ -95,12 +96,18 @@ def eval_(
             source, split_name, label = text_source, TEXT_SPLIT, str(text_file)
         else:
             label = dataset or run.config.data.dataset
-            source = resolve_source(label, run.config.data.val_fraction)
+            source = resolve_source(label, run.config.data.val_fraction,
+                                    run.config.data.format)
             split_name = source.check_split(split or "val")
-        tokens = _tokens(source, split_name, run.tokenizer, show_progress)
+        chat = isinstance(source, ChatSource)
+        if chat and stride is not None:
+            raise MiniGPTError("--stride applies to text; conversations are scored whole")
+        packed = _packed(source, split_name, run) if chat else None
+        tokens = None if chat else _tokens(source, split_name, run.tokenizer, show_progress)
         batch = batch_size or max(1, TOKENS_PER_BATCH // seq_len)
 
-        job = (run.model, tokens, seq_len, batch, dev, prec, stride, show_progress)
+        data = packed if chat else tokens
+        job = (run.model, data, seq_len, batch, dev, prec, stride, show_progress)
         res = _score(run.run_dir.name, *job)
         compared: dict[str, Any] = {}
         if quantize:
@@ -117,6 +124,7 @@ def eval_(
             "stride": stride, "context": seq_len, "tokenizer": run.tokenizer.spec,
             "device": str(dev), "precision": prec.name, "quantize": quantize,
             **res.to_dict(), **compared,
+            "scored": "assistant tokens" if chat else "all tokens",
         }
         key = result_key(f"file:{Path(label).resolve()}" if is_file else label,
                          None if is_file else split_name, stride)
@@ -140,17 +148,21 @@ def eval_(
             ui.err_console.print(Text(f"Saved to {saved}", style="dim"), soft_wrap=True)
 
 
-def _score(what: str, model, tokens, seq_len: int, batch: int, dev, prec, stride: int | None,
+def _score(what: str, model, data, seq_len: int, batch: int, dev, prec, stride: int | None,
            show_progress: bool):
+    """Score ``data``: a text's tokens, or packed conversations (assistant tokens only)."""
     import torch
 
-    from minigpt_cli.evaluate.perplexity import evaluate
+    from minigpt_cli.evaluate.perplexity import evaluate, evaluate_masked
 
     with _EvalProgress(f"evaluating {what}", show_progress) as progress:
         try:
-            return evaluate(model, tokens.tokens, seq_len, batch, dev, prec, stride=stride,
-                            progress=progress, num_bytes=tokens.num_bytes,
-                            num_words=tokens.num_words)
+            if getattr(data, "mask", None) is not None:
+                return evaluate_masked(model, data.tokens, data.mask, seq_len, batch, dev,
+                                       prec, progress=progress)
+            return evaluate(model, data.tokens, seq_len, batch, dev, prec, stride=stride,
+                            progress=progress, num_bytes=data.num_bytes,
+                            num_words=data.num_words)
         except torch.cuda.OutOfMemoryError as e:
             raise MiniGPTError(f"out of memory on {dev} with batches of {batch} windows",
                                "pass a smaller --batch-size") from e
@@ -174,6 +186,19 @@ def _text_file_source(path: Path):
         raise DataError(f"--text-file {path} is empty", "give a file with some text in it")
     start = check_text_file(path)  # binary and non-UTF-8 files are errors
     return FileSource(str(path), {TEXT_SPLIT: [Segment(path, start, path.stat().st_size)]})
+
+
+def _packed(source, split: str, run):
+    """Conversations rendered with the run's template, packed as training packs them."""
+    from minigpt_cli.chat.template import TEMPLATES, saved_template_name, template_for_run
+    from minigpt_cli.data.chat import chat_token_cache, pack
+
+    template = (template_for_run(run.run_dir) if saved_template_name(run.run_dir)
+                else TEMPLATES.get(run.config.data.template, TEMPLATES["plain"]))
+    template.check_tokenizer(run.tokenizer)
+    source.template = template
+    cached = chat_token_cache(source, split, run.tokenizer, template)
+    return pack(cached, run.config.model.max_seq_length, run.tokenizer.eot_id)
 
 
 def _tokens(source, split: str, tokenizer, show_progress: bool):

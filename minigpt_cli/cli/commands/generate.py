@@ -43,6 +43,8 @@ EXAMPLES = """Examples:
   minigpt generate --prompt-file story.txt --top-p 0.9 --num-samples 3 --seed 1
 
   echo 'The meaning of life is' | minigpt generate --stop '\\n' --json
+
+  minigpt generate --model runs/sft --chat --prompt 'What is 2+3?'    # the reply alone
 """
 
 def register(app: typer.Typer) -> None:
@@ -73,6 +75,12 @@ def generate(
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the samples, settings and speed as JSON instead of streaming.")
     ] = False,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="The prompt is one user message in the run's chat template; the "
+                       "output is the assistant's reply alone, ending at its end of turn.")
+    ] = False,
+    template: Annotated[str | None, typer.Option(
+        help="With --chat: the chat template to use instead of the run's.")] = None,
 ) -> None:
     """Continue a prompt with a trained model, streaming the text as it is generated."""
     settings = sampling_settings(
@@ -91,10 +99,23 @@ def generate(
     run = load_run(model, dev)
     quantize_model(run.model, quantize)
     engine = Engine(run.model, run.tokenizer, dev)
-    if not text and (prompt is not None or prompt_file is not None or not sys.stdin.isatty()):
+    if template is not None and not chat:
+        raise MiniGPTError("--template goes with --chat", "add --chat, or leave it out")
+    shown, stop_ids, prompt_ids = text, (), text
+    if chat:
+        from minigpt_cli.chat.template import template_for_run
+
+        tmpl = template_for_run(run.run_dir, template)
+        tmpl.check_tokenizer(run.tokenizer)
+        prompt_ids = tmpl.render(run.tokenizer, [{"role": "user", "content": text}],
+                                 add_generation_prompt=True).ids
+        settings.stop = [*tmpl.stops, *settings.stop]
+        shown, stop_ids = "", tmpl.stop_ids(run.tokenizer)
+    elif not text and (prompt is not None or prompt_file is not None
+                       or not sys.stdin.isatty()):
         ui.warn("the prompt is empty: generating from the start of a new document "
                 "(end-of-text)")
-    events = engine.generate(text, settings)
+    events = engine.generate(prompt_ids, settings, stop_ids)
     if json_out:
         result = None
         for event in events:
@@ -106,7 +127,7 @@ def generate(
         typer.echo(json.dumps(_report(run, str(dev), quantize, text, settings, result), indent=2,
                               ensure_ascii=False))
         return
-    view = StreamView(ui.console, text, num_samples)
+    view = StreamView(ui.console, shown, num_samples)
     try:
         result = view.render(events)
     except KeyboardInterrupt:

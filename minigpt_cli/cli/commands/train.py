@@ -265,6 +265,19 @@ def _train_rank(cfg, out, resume, changed, rank) -> None:
     ui.console.print(f"Done: {result.step} steps in {ui.human_duration(result.elapsed)}, "
                      f"best val loss {best}. Run saved in [bold]{run.run_dir}[/].")
     quoted = shlex.quote(str(run.run_dir))
+    if run.chat_example is not None:
+        from rich.text import Text
+
+        shown = Text("The loss counts only the «marked» tokens (the assistant's), e.g. ",
+                     style="dim")
+        for text, trained in run.chat_example:
+            text = ui.terminal_safe(text)
+            shown.append(f"«{text}»" if trained else text,
+                         style="bold green" if trained else "dim")
+        ui.console.print(shown, soft_wrap=True)
+        ui.console.print(f"Next: minigpt chat --model {quoted}  ·  minigpt generate --model "
+                         f"{quoted} --chat --prompt 'Hello'  ·  minigpt eval --model {quoted}")
+        return
     ui.console.print(f"Next: minigpt generate --model {quoted} --prompt 'The'  ·  "
                      f"minigpt chat --model {quoted}  ·  minigpt eval --model {quoted}")
 

@@ -46,10 +46,17 @@ def command(
     val_fraction: Annotated[float | None, typer.Option(
         help="Share of a single text file held out as validation (default 0.1, or the "
              "run's).")] = None,
+    context: Annotated[int | None, typer.Option(
+        help="Conversations: the context to fit them into (default: the run's, else 128).")
+    ] = None,
+    template: Annotated[str | None, typer.Option(
+        help="Conversations: the chat template (default: the run's, else minigpt).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Per split: sizes, lengths of documents or lines, and the most frequent tokens."""
+    from minigpt_cli.chat.template import DEFAULT_CHAT_TEMPLATE, get_template
     from minigpt_cli.cli.progress import DataProgress
+    from minigpt_cli.data.chat import ChatSource, chat_stats
     from minigpt_cli.data.resolve import resolve_source
     from minigpt_cli.data.stats import UNITS, split_stats
     from minigpt_cli.run.load import load_config, load_tokenizer
@@ -70,15 +77,30 @@ def command(
         dataset = config.data.dataset
     fraction = val_fraction if val_fraction is not None else (
         config.data.val_fraction if config is not None else 0.1)
-    source = resolve_source(dataset, fraction)
+    source = resolve_source(dataset, fraction,
+                            config.data.format if config is not None else "auto")
+    chat_template = None
+    if isinstance(source, ChatSource):
+        chat_template = get_template(template or (config.data.template if config is not None
+                                                  else DEFAULT_CHAT_TEMPLATE), "template")
+        source.template = chat_template
     tok = load_tokenizer(model) if model is not None else resolve_tokenizer(
         tokenizer or "byte", lambda: source.iter_text("train"))
+    window = context or (config.model.max_seq_length if config is not None else 128)
+    if window <= 0:
+        raise MiniGPTError(f"--context must be positive, got {window}")
+    chat_info = None
+    if chat_template is not None:
+        tok.add_special_tokens(chat_template.special_tokens)
+        chat_info = chat_stats(source, tok, chat_template, window)
     with DataProgress.on_terminal(not json_out) as view:
         stats = [split_stats(source, split, tok, unit, top, progress=view)
                  for split in source.splits()]
     piece = token_text(tok)
     info = {"dataset": source.name, "tokenizer": tok.spec, "vocab_size": tok.vocab_size,
             "unit": unit, "splits": {s.split: s.to_dict(piece) for s in stats}}
+    if chat_info is not None:
+        info["chat"] = chat_info
     if json_out:
         emit_json(info)
         return
@@ -142,6 +164,16 @@ def _data_view(info: dict[str, Any], context: int | None) -> Group:
         notes.append(f"lengths measured on the first {splits[sampled[0]]['lengths']['measured']:,}"
                      f" {unit}s of large splits ({', '.join(sampled)})")
     parts += [Text(n, style="dim") for n in notes]
+    chat = info.get("chat")
+    if chat is not None:
+        parts.append(Text())
+        parts.append(Text(f"Conversations ({chat['template']} template, context "
+                          f"{chat['context']:,} tokens)", style="bold"))
+        for name, c in chat["splits"].items():
+            parts.append(Text(
+                f"{name}: {c['conversations']:,} conversations, {c['trained_tokens']:,} of "
+                f"{c['tokens']:,} tokens trained (the assistant's); {c['cut']:,} cut to fit "
+                f"the context ({c['truncated']:,} of them with a turn truncated)"))
 
     if any(s["top_tokens"] for s in splits.values()):
         tops = Table(title="Most frequent tokens", title_justify="left", box=None,
