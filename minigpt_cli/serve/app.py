@@ -21,8 +21,8 @@ from minigpt_cli.generate.batching import (
     Done,
     Failed,
     QueueFull,
-    Scheduler,
     SampleFinished,
+    Scheduler,
     Started,
     Token,
 )

@@ -68,12 +68,12 @@ class Server:
 
 @pytest.fixture(scope="session")
 def serve_run(toy_run, tmp_path_factory) -> Path:
-    """A toy run with a context of 128 (the byte tokenizer), trained for 0 steps."""
+    """A toy run with a context of 2048 (the byte tokenizer), trained for 0 steps."""
     root = tmp_path_factory.mktemp("serve")
     data = root / "data.txt"
     data.write_text("hello\n")
     return toy_run(root / "toy", data, seed=4, step=42, best_val_loss=3.5,
-                   max_seq_length=128)
+                   max_seq_length=2048)
 
 
 @pytest.fixture(scope="session")
