@@ -80,7 +80,7 @@ class Failed:
 Emit = Callable[[object], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class Handle:
     """A submitted request; ``cancel()`` frees its rows before the next step."""
 
@@ -235,6 +235,7 @@ class Scheduler:
             if self.rows[i].handle.cancelled:
                 self._remove(i)
 
+    @torch.inference_mode()
     def _remove(self, i: int) -> None:
         """Row i leaves; the last row moves into its place so the active rows stay packed."""
         last = len(self.rows) - 1

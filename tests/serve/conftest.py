@@ -82,3 +82,10 @@ def server(serve_run):
     s = Server(serve_run, "--max-batch", "4", "--max-queue", "32", api_key=API_KEY)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server(serve_run):
+    """``start_server(*flags, api_key=None)``: another server over the toy run, of the
+    test's own (stop it with ``.stop()``, which sends SIGTERM and returns (code, stderr))."""
+    return lambda *flags, api_key=None: Server(serve_run, *flags, api_key=api_key)
