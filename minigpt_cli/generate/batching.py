@@ -5,7 +5,9 @@ rows whose client went away, admit waiting requests into free rows (each prompt 
 prefilled alone, then its keys and values are copied into its rows), then one decoding
 step for every active row, each at its own position (``KVCache.lengths``). Finished rows
 leave between steps; the rows stay packed at the top of the cache (the last row moves into
-a hole), so a step only ever computes the rows in use.
+a hole), so a step only ever computes the rows in use. A row whose context is full slides
+as the engine's ``CachedLM`` does: its most recent half is prefilled again, alone, and it
+goes on decoding with the others.
 
 A request reports through the ``emit`` callback it was submitted with, from the
 scheduler's thread: ``Started`` once its prompt is in, ``Token`` for every sampled token,
@@ -107,6 +109,7 @@ class _Row:
         self.gen = torch.Generator(device=device).manual_seed(seed + sample)
         self.next_token = -1
         self.generated = 0
+        self.window = list(handle.request.prompt)  # the tokens in this row's cache
         prompt = torch.tensor(handle.request.prompt, dtype=torch.long, device=device)
         self.recent = prompt[-REPETITION_WINDOW:][None] if s.repetition_penalty != 1.0 \
             else None
@@ -126,6 +129,7 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.queue_timeout = max_batch, max_queue, queue_timeout
         self.capacity = model.config.max_seq_length
+        self.keep = max(1, self.capacity // 2)  # tokens a full row keeps when it slides
         self.device = model.lm_head.weight.device
         self.exact = DecodingHead(model, quantize=False)
         self.head = self.exact if exact_head else DecodingHead(model, quantize=True)
@@ -136,6 +140,7 @@ class Scheduler:
         self.rows: list[_Row] = []
         self.waiting: deque[Handle] = deque()
         self.steps = 0
+        self.slides = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="minigpt-scheduler",
@@ -283,7 +288,28 @@ class Scheduler:
         self._sample(rows, x[-1:].expand(n, -1))
 
     @torch.inference_mode()
+    def _slide(self, i: int) -> None:
+        """Row i's context is full: start it again from its most recent ``keep - 1`` tokens,
+        so that with the token the next step feeds it holds ``keep``."""
+        r = self.rows[i]
+        r.window = r.window[len(r.window) - (self.keep - 1):] if self.keep > 1 else []
+        r.length = len(r.window)
+        if not r.window:
+            return
+        self.scratch.reset()
+        idx = torch.tensor([r.window], dtype=torch.long, device=self.device)
+        with one_thread(self.device.type == "cpu" and r.length <= SMALL_STEP):
+            self.model.features(idx, self.scratch)
+        for layer, src in zip(self.cache.layers, self.scratch.layers, strict=True):
+            layer.k[i, :, :r.length] = src.k[0, :, :r.length]
+            layer.v[i, :, :r.length] = src.v[0, :, :r.length]
+        self.slides += 1
+
+    @torch.inference_mode()
     def _step(self) -> None:
+        for i, r in enumerate(self.rows):
+            if r.length >= self.capacity:
+                self._slide(i)
         B = len(self.rows)
         idx = torch.tensor([[r.next_token] for r in self.rows], dtype=torch.long,
                            device=self.device)
@@ -293,6 +319,7 @@ class Scheduler:
         self.cache.lengths = None
         for r in self.rows:
             r.length += 1
+            r.window.append(r.next_token)
         self.steps += 1
         self._sample(list(self.rows), x)
 
@@ -345,8 +372,8 @@ class Scheduler:
             if stopped:
                 reason = "stop"
                 r.text.finish("stop")
-            elif r.generated >= s.max_new_tokens or r.length >= self.capacity:
-                reason = "length"  # the request's budget, or the model's context, is spent
+            elif r.generated >= s.max_new_tokens:
+                reason = "length"
                 text += r.text.finish("length")
             handle.emit(Token(r.sample, info, text))
         if reason is None:

@@ -35,9 +35,11 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype):
         shape = (batch_size, cfg.num_heads, cfg.max_seq_length, cfg.head_dim)
+        # zeros, not empty: per-row lengths let a row's attention span slots it never
+        # filled (masked out, but 0 * NaN from uninitialised memory would still be NaN)
         self.layers = [
-            LayerCache(torch.empty(shape, device=device, dtype=dtype),
-                       torch.empty(shape, device=device, dtype=dtype))
+            LayerCache(torch.zeros(shape, device=device, dtype=dtype),
+                       torch.zeros(shape, device=device, dtype=dtype))
             for _ in range(cfg.num_layers)
         ]
         self.length = 0

@@ -68,7 +68,7 @@ def test_load_200_requests_16_clients_then_sigterm(start_server):
         baseline = rss_kib(server.proc.pid)
         outcomes = asyncio.run(load(server.url, server.headers))
         assert len(outcomes) == 200 and outcomes.count("hangup") >= 50
-        assert outcomes.count("ok") > 50 and "bad" in outcomes
+        assert outcomes.count("ok") > 20 and "bad" in outcomes
         health = httpx.get(f"{server.url}/health").json()
         assert health == {"status": "ok", "active": 0, "queued": 0}
         grown = rss_kib(server.proc.pid) - baseline
