@@ -23,7 +23,7 @@ SETTING_FLAGS = {
     "model": "--model", "out": "--out", "device": "--device", "format": "--format",
     "dtype": "--dtype",
     "max_batch": "--max-batch", "max_queue": "--max-queue", "queue_timeout": "--queue-timeout",
-    "template": "--template",
+    "template": "--template", "host": "--host", "port": "--port",
 }
 
 # Sampling options, shared with ``minigpt chat``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 from minigpt_cli.errors import MiniGPTError
@@ -20,6 +21,26 @@ def check_serve_deps() -> None:
     except ImportError as e:
         raise MiniGPTError(f"serving needs FastAPI and uvicorn ({e.name} is missing)",
                            "pip install 'minigpt[serve]'") from e
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail early, before a model loads, when the address cannot be listened on."""
+    if not 0 <= port <= 65535:
+        raise MiniGPTError(f"port must be between 0 and 65535, got {port}", setting="port")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise MiniGPTError(f"host {host} is not an address of this machine: {e.strerror}",
+                           setting="host") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise MiniGPTError(f"port {port} on {host} cannot be used: {e.strerror}",
+                               "is another server running there? pick another port",
+                               setting="port") from e
 
 
 def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,

@@ -47,10 +47,11 @@ def serve(
 
     Ctrl-C exits with code 130, SIGTERM with 143, after open streams finish (up to 5 s).
     """
-    from minigpt_cli.serve.server import Terminated, build, check_serve_deps
+    from minigpt_cli.serve.server import Terminated, build, check_address, check_serve_deps
     from minigpt_cli.serve.server import serve as run_server
 
     check_serve_deps()
+    check_address(host, port)
     app, served = build(model, device, max_batch, max_queue, queue_timeout, template,
                         api_key or None)
     if host in ("0.0.0.0", "::") and not api_key:
@@ -65,9 +66,8 @@ def serve(
     except Terminated:
         ui.err_console.print("Stopped (SIGTERM).")
         raise typer.Exit(143) from None
-    except SystemExit as e:  # uvicorn exits 1 when it cannot bind the port
+    except SystemExit as e:  # uvicorn exits 1 when it cannot bind after all (a race)
         if e.code:
-            ui.error_line(f"cannot listen on {host}:{port}",
-                          "is another server using the port? try --port")
+            ui.error_line(f"cannot listen on {host}:{port}", "try another --port")
             raise typer.Exit(1) from None
         raise
