@@ -329,8 +329,7 @@ async def _chat_stream(served, request, gen, calls: _Calls, starts):
         elif isinstance(event, SampleFinished):
             yield chunk(i * n + event.sample, {}, api.FINISH[event.finish_reason])
         elif isinstance(event, Failed):
-            yield {"error": ApiError(503, event.message, None, event.reason,
-                                     kind="server_error").body()["error"]}
+            yield _failure(event)
             return
     if gen.include_usage:
         yield {**head, "choices": [], "usage": _usage(starts, calls)}
@@ -359,11 +358,15 @@ async def _completion_stream(served, request, gen, calls: _Calls, starts):
         elif isinstance(event, SampleFinished):
             yield chunk(i * n + event.sample, "", api.FINISH[event.finish_reason])
         elif isinstance(event, Failed):
-            yield {"error": ApiError(503, event.message, None, event.reason,
-                                     kind="server_error").body()["error"]}
+            yield _failure(event)
             return
     if gen.include_usage:
         yield {**head, "choices": [], "usage": _usage(starts, calls)}
+
+
+def _failure(event: Failed) -> dict:
+    """What a stream sends when generation fails after its headers went out."""
+    return ApiError(503, event.message, None, event.reason, kind="server_error").body()
 
 
 def _usage(starts, calls: _Calls) -> dict:
