@@ -114,7 +114,7 @@ def write_corpus(tmp_path, cache_dir):
     return write
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def toy_run(toy_config):
     """``toy_run(run_dir, dataset, seed=, step=, best_val_loss=, **model)``: a run directory
     as training leaves it (byte tokenizer, an untrained toy model, one best checkpoint)."""

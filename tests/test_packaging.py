@@ -60,6 +60,9 @@ def test_wheel_holds_every_module_presets_and_minigpt_tokenizers(tmp_path):
     presets = {f"minigpt_presets/{p.name}" for p in (REPO / "presets").glob("*.yaml")}
     assert "minigpt_presets/tiny.yaml" in presets and presets <= names
     assert not any(n.startswith("tokenizers/") for n in names)
+    page = {f"minigpt_cli/serve/static/{p.name}"
+            for p in (REPO / "minigpt_cli" / "serve" / "static").iterdir()}
+    assert "minigpt_cli/serve/static/index.html" in page and page <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[minigpt.tokenizers]" in text and "minigpt = minigpt_cli.cli.app:main" in text

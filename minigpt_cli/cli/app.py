@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from minigpt_cli import __version__
-from minigpt_cli.cli.commands import chat, convert, evaluate, generate, inspect, train
+from minigpt_cli.cli.commands import chat, convert, evaluate, generate, inspect, serve, train
 
 app = typer.Typer(
     name="minigpt",
@@ -23,7 +23,8 @@ app = typer.Typer(
         "  minigpt generate --prompt 'The meaning of'\n\n"
         "  minigpt chat\n\n"
         "  minigpt eval --json\n\n"
-        "  minigpt inspect model"
+        "  minigpt inspect model\n\n"
+        "  minigpt serve"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -52,6 +53,7 @@ chat.register(app)
 evaluate.register(app)
 inspect.register(app)
 convert.register(app)
+serve.register(app)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ SETTING_FLAGS = {
     "layer": "--layer", "head": "--head", "stride": "--stride", "batch_size": "--batch-size",
     "model": "--model", "out": "--out", "device": "--device", "format": "--format",
     "dtype": "--dtype", "quantize": "--quantize", "adapter_only": "--adapter-only",
+    "max_batch": "--max-batch", "max_queue": "--max-queue", "queue_timeout": "--queue-timeout",
+    "template": "--template", "host": "--host", "port": "--port",
 }
 
 # Sampling options, shared with ``minigpt chat``.

@@ -32,20 +32,28 @@ class LayerCache:
 
 
 class KVCache:
-    """Pre-allocated keys/values for every layer; ``length`` tokens are filled."""
+    """Pre-allocated keys/values for every layer; ``length`` tokens are filled.
+
+    With ``lengths`` (B,) set, every row has its own length instead (continuous batching:
+    rows at different positions decode together, one new token each, see ``features``).
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype):
         shape = (batch_size, cfg.kv_heads, cfg.max_seq_length, cfg.head_dim)
+        # zeros, not empty: per-row lengths let a row's attention span slots it never
+        # filled (masked out, but 0 * NaN from uninitialised memory would still be NaN)
         self.layers = [
-            LayerCache(torch.empty(shape, device=device, dtype=dtype),
-                       torch.empty(shape, device=device, dtype=dtype))
+            LayerCache(torch.zeros(shape, device=device, dtype=dtype),
+                       torch.zeros(shape, device=device, dtype=dtype))
             for _ in range(cfg.num_layers)
         ]
         self.length = 0
+        self.lengths: torch.Tensor | None = None
         self.capacity = cfg.max_seq_length
 
     def reset(self) -> None:
         self.length = 0
+        self.lengths = None
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -83,11 +91,19 @@ class CausalSelfAttention(nn.Module):
         return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x, start)
         mask, causal = None, True
-        if cache is not None:
+        if isinstance(start, torch.Tensor):  # one new token per row, each at its own position
+            rows = torch.arange(B, device=x.device)
+            cache.k[rows, :, start] = k[:, :, 0]
+            cache.v[rows, :, start] = v[:, :, 0]
+            S = int(start.max()) + 1
+            k, v = cache.k[:B, :, :S], cache.v[:B, :, :S]
+            mask = (torch.arange(S, device=x.device) <= start[:, None])[:, None, None]  # (B,1,1,S)
+            causal = False
+        elif cache is not None:
             cache.k[:B, :, start:start + T] = k
             cache.v[:B, :, start:start + T] = v
             k, v = cache.k[:B, :, :start + T], cache.v[:B, :, :start + T]
@@ -147,7 +163,7 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, start)
         return x + self.mlp(self.ln_2(x))
 
@@ -217,15 +233,18 @@ class GPT(nn.Module):
             w.device.type) else w.dtype
         return KVCache(self.config, batch_size, w.device, dtype)
 
-    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """Token plus position embeddings (B, T, C) of ``idx`` (B, T), whose first token
-        sits at position ``start``."""
+        sits at position ``start`` (or ``start[b]`` in row b)."""
         T = idx.size(1)
-        assert start + T <= self.config.max_seq_length, (
-            f"sequence of {start + T} exceeds context {self.config.max_seq_length}")
+        last = int(start.max()) if isinstance(start, torch.Tensor) else start
+        assert last + T <= self.config.max_seq_length, (
+            f"sequence of {last + T} exceeds context {self.config.max_seq_length}")
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            pos = (start[:, None] + torch.arange(T, device=idx.device)
+                   if isinstance(start, torch.Tensor) else
+                   torch.arange(start, start + T, dtype=torch.long, device=idx.device))
             x = x + self.transformer.wpe(pos)
         return self.transformer.drop(x)
 
@@ -233,12 +252,18 @@ class GPT(nn.Module):
         """The final hidden states (B, T, C) that the head turns into logits.
 
         With ``cache``, ``idx`` continues the cached sequence and the cache is extended.
+        With per-row ``cache.lengths``, ``idx`` is (B, 1): row b's token goes at position
+        ``lengths[b]`` and attends to that row's cached keys only.
         """
-        start = cache.length if cache is not None else 0
+        start = 0 if cache is None else cache.length if cache.lengths is None else cache.lengths
+        if isinstance(start, torch.Tensor):
+            assert idx.size(1) == 1 and idx.size(0) == start.size(0), "one token per row"
         x = self.embed(idx, start)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache.layers[i] if cache is not None else None, start)
-        if cache is not None:
+        if isinstance(start, torch.Tensor):
+            cache.lengths = start + 1
+        elif cache is not None:
             cache.length = start + idx.size(1)
         return self.transformer.ln_f(x)
 

@@ -50,19 +50,24 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int | torch.Tensor = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate (B, H, T, D) queries and keys whose first position is ``start``."""
+        """Rotate (B, H, T, D) queries and keys whose first position is ``start`` (or
+        ``start[b]`` in row b)."""
         T = q.size(-2)
-        cos = self.cos[start:start + T].to(q.dtype)
-        sin = self.sin[start:start + T].to(q.dtype)
+        if isinstance(start, torch.Tensor):  # rows at their own positions: (B, 1, T, D)
+            pos = start[:, None] + torch.arange(T, device=start.device)
+            cos, sin = self.cos[pos][:, None].to(q.dtype), self.sin[pos][:, None].to(q.dtype)
+        else:
+            cos = self.cos[start:start + T].to(q.dtype)
+            sin = self.sin[start:start + T].to(q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class NoRotation(nn.Module):
     """Learned positions are added to the embedding; attention leaves q and k alone."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int | torch.Tensor = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 

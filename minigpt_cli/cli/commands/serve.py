@@ -1,0 +1,73 @@
+"""``minigpt serve``: the OpenAI-compatible API and the chat page for a run."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from minigpt_cli.cli import ui
+from minigpt_cli.cli.options import Device, ModelDir
+
+EXAMPLES = """Examples:
+
+  minigpt serve    # the latest run under runs/, on http://127.0.0.1:8000
+
+  minigpt serve --model runs/tiny --port 8080 --max-batch 16
+
+  MINIGPT_API_KEY=secret minigpt serve --host 0.0.0.0
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve", epilog=EXAMPLES)(serve)
+
+
+@ui.guarded
+def serve(
+    model: ModelDir = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every "
+                                           "interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="MINIGPT_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")] = None,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", help="Most sequences decoded together in one step.")] = 8,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", help="Requests that may wait for a slot; beyond, 429.")] = 64,
+    queue_timeout: Annotated[float, typer.Option(
+        "--queue-timeout", help="Seconds a request may wait for a slot.")] = 60.0,
+    template: Annotated[str, typer.Option(
+        help="Chat template for /v1/chat/completions: plain or chat.")] = "plain",
+    device: Device = "auto",
+) -> None:
+    """Serve a model over an OpenAI-compatible API, with a chat page at /.
+
+    Ctrl-C exits with code 130, SIGTERM with 143, after open streams finish (up to 5 s).
+    """
+    from minigpt_cli.serve.server import Terminated, build, check_address, check_serve_deps
+    from minigpt_cli.serve.server import serve as run_server
+
+    check_serve_deps()
+    check_address(host, port)
+    app, served = build(model, device, max_batch, max_queue, queue_timeout, template,
+                        api_key or None)
+    if host in ("0.0.0.0", "::") and not api_key:
+        ui.warn(f"listening on every interface ({host}) without --api-key: anyone who can "
+                "reach this machine can use the model")
+    shown = f"[{host}]" if ":" in host else host
+    ui.err_console.print(f"Serving [bold]{served.model_id}[/] (step {served.step}) at "
+                         f"http://{shown}:{port} — Ctrl-C to stop", soft_wrap=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        run_server(app, served, host, port)
+    except Terminated:
+        ui.err_console.print("Stopped (SIGTERM).")
+        raise typer.Exit(143) from None
+    except SystemExit as e:  # uvicorn exits 1 when it cannot bind after all (a race)
+        if e.code:
+            ui.error_line(f"cannot listen on {host}:{port}", "try another --port")
+            raise typer.Exit(1) from None
+        raise

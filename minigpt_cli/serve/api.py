@@ -1,0 +1,288 @@
+"""The OpenAI API's requests and responses: parsing, checking, and the JSON sent back.
+
+Everything here is plain Python over dicts; ``app.py`` puts it behind HTTP. A bad request
+raises ``ApiError``, which names the API's field (``max_tokens``, ``messages``), never a
+command-line flag.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from minigpt_cli.chat.template import TEMPLATES, Turn
+from minigpt_cli.generate.batching import BatchRequest, TokenInfo
+from minigpt_cli.generate.decoding import SamplingSettings
+
+
+class ApiError(Exception):
+    """An OpenAI-style error: HTTP status, message, the field at fault and a code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind, self.headers = kind, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, f"{param}: {message}", param, code)
+
+
+# ---- reading fields ------------------------------------------------------------------------
+
+def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
+    value = body.get(key)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise _bad(key, f"must be {'an integer' if integer else 'a number'}, got "
+                   f"{type(value).__name__}", "invalid_type")
+    if not lo <= value <= hi:  # NaN fails this too
+        raise _bad(key, f"must be between {lo:g} and {hi:g}, got {value}")
+    return value
+
+
+def _bool(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(key, f"must be true or false, got {type(value).__name__}", "invalid_type")
+    return value
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "must be a string or a list of strings", "invalid_type")
+    if len(stops) > 4:
+        raise _bad("stop", f"takes at most 4 sequences, got {len(stops)}")
+    return stops
+
+
+@dataclass
+class Generation:
+    """One API call, checked: its prompts (token ids) and how to decode them."""
+
+    prompts: list[list[int]]
+    settings: SamplingSettings
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    prompt_texts: list[str] = field(default_factory=list)
+
+    def requests(self) -> list[BatchRequest]:
+        return [BatchRequest(p, self.settings, self.logprobs, self.echo,
+                             self.frequency_penalty, self.presence_penalty)
+                for p in self.prompts]
+
+
+def _sampling(body: dict, *, max_batch: int, default_max: int, min_tokens: int,
+              stops: list[str]) -> tuple[SamplingSettings, dict]:
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    max_tokens = _number(body, key, default_max, min_tokens, 1_000_000, integer=True)
+    settings = SamplingSettings(
+        max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=_number(body, "top_p", 1.0, 0, 1),
+        top_k=_number(body, "top_k", 0, 0, 1_000_000, integer=True),
+        min_p=_number(body, "min_p", 0.0, 0, 1),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 100),
+        stop=stops,
+        seed=_number(body, "seed", None, 0, 2**63 - 1, integer=True),
+        num_samples=_number(body, "n", 1, 1, max_batch, integer=True))
+    if settings.top_p == 0:
+        raise _bad("top_p", "must be greater than 0")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("stream_options", "must be an object", "invalid_type")
+    extra = dict(
+        stream=_bool(body, "stream"),
+        include_usage=_bool(options or {}, "include_usage"),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2))
+    return settings, extra
+
+
+def check_model(body: dict, model_id: str) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", "must be a string", "invalid_type")
+    if model not in (None, model_id):
+        raise ApiError(404, f"model: '{model}' does not exist; this server has '{model_id}'",
+                       "model", "model_not_found")
+
+
+def _check_length(ids: list[int], param: str, context: int) -> list[int]:
+    if len(ids) > context:
+        raise ApiError(400, f"{param}: {len(ids)} tokens, more than the model's context of "
+                       f"{context}", param, "context_length_exceeded")
+    return ids
+
+
+def _prompt_ids(prompt: Any, tokenizer, context: int) -> list[list[int]]:
+    """A completions ``prompt``: a string, a list of strings, token ids or lists of them."""
+    def is_ids(x):
+        return isinstance(x, list) and x and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif is_ids(prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or is_ids(p) for p in prompt):
+        items = prompt
+    else:
+        raise _bad("prompt", "must be a string, a list of strings, a list of token ids or a "
+                   "list of such lists (none empty)", "invalid_type")
+    if len(items) > 64:
+        raise _bad("prompt", f"takes at most 64 prompts at once, got {len(items)}")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item) or [tokenizer.eot_id]
+        else:
+            if not all(0 <= t < tokenizer.vocab_size for t in item):
+                raise _bad("prompt", f"token ids must be in [0, {tokenizer.vocab_size})")
+            ids = list(item)
+        out.append(_check_length(ids, "prompt", context))
+    return out
+
+
+def parse_completion(body: dict, tokenizer, context: int, max_batch: int) -> Generation:
+    prompts = _prompt_ids(body.get("prompt"), tokenizer, context)
+    echo = _bool(body, "echo")
+    settings, extra = _sampling(body, max_batch=max_batch, default_max=16, min_tokens=0,
+                                stops=_stops(body))
+    if settings.max_new_tokens == 0 and not echo:
+        raise _bad("max_tokens", "must be at least 1 (0 is only for echo: true)")
+    logprobs = _number(body, "logprobs", None, 0, 20, integer=True)
+    return Generation(prompts, settings, logprobs=logprobs, echo=echo, **extra)
+
+
+# ---- chat ----------------------------------------------------------------------------------
+
+def _message_text(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise _bad(f"messages[{i}].content", "only text parts are supported",
+                           "invalid_type")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _bad(f"messages[{i}].content", "must be a string or a list of text parts",
+               "invalid_type")
+
+
+def render_chat(messages: list[tuple[str, str]], template: str) -> tuple[str, list[str]]:
+    """The prompt and stop strings for a conversation of (role, text) messages.
+
+    The one place that knows how chat messages become model text.
+    """
+    tpl = TEMPLATES[template]
+    system = "\n".join(text for role, text in messages if role in ("system", "developer"))
+    talk = [(role, text) for role, text in messages if role in ("user", "assistant")]
+    turns, user = [], None
+    for role, text in talk[:-1]:
+        if role == "user":
+            if user is not None:
+                turns.append(Turn(user, ""))
+            user = text
+        else:
+            turns.append(Turn(user or "", text))
+            user = None
+    if user is not None:
+        turns.append(Turn(user, ""))
+    return tpl.render(system, turns, talk[-1][1]), list(tpl.stops)
+
+
+def parse_chat(body: dict, tokenizer, context: int, max_batch: int,
+               template: str) -> Generation:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "must be a non-empty list of messages", "invalid_type")
+    parsed = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", "must be an object with role and content",
+                       "invalid_type")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise _bad(f"messages[{i}].role", "must be system, developer, user or "
+                       f"assistant, got {role!r}")
+        parsed.append((role, _message_text(m.get("content"), i)))
+    if not any(role in ("user", "assistant") for role, _ in parsed):
+        raise _bad("messages", "needs at least one user message")
+    prompt, stops = render_chat(parsed, template)
+    ids = _check_length(tokenizer.encode(prompt) or [tokenizer.eot_id], "messages", context)
+    settings, extra = _sampling(body, max_batch=max_batch, default_max=context,
+                                min_tokens=1, stops=stops + _stops(body))
+    logprobs = None
+    if _bool(body, "logprobs"):
+        logprobs = _number(body, "top_logprobs", 0, 0, 20, integer=True)
+    return Generation([ids], settings, logprobs=logprobs, **extra)
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+FINISH = {"stop": "stop", "eot": "stop", "length": "length"}
+
+
+def completion_logprobs(tokenizer, infos: list[TokenInfo], offset: int = 0) -> dict:
+    """The legacy completions ``logprobs`` object: tokens, their log-probs, the top ones
+    and each token's offset in the text."""
+    tokens, offsets, pos = [], [], offset
+    for info in infos:
+        text = tokenizer.decode([info.token])
+        tokens.append(text)
+        offsets.append(pos)
+        pos += len(text)
+    return {"tokens": tokens, "token_logprobs": [i.logprob for i in infos],
+            "top_logprobs": [None if i.top is None else
+                             {tokenizer.decode([t]): lp for t, lp in i.top.items()}
+                             for i in infos],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, infos: list[TokenInfo]) -> dict:
+    def entry(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(i.token, i.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in (i.top or {}).items()]}
+                        for i in infos]}

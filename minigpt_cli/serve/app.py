@@ -1,0 +1,374 @@
+"""The HTTP layer: FastAPI routes over the scheduler, OpenAI's JSON and server-sent events.
+
+The routes parse and check (``api.py``), the scheduler owns the batch
+(``generate/batching.py``), the engine computes. FastAPI is imported here only, and this
+module only by ``minigpt serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from minigpt_cli.generate.batching import (
+    Done,
+    Failed,
+    QueueFull,
+    SampleFinished,
+    Scheduler,
+    Started,
+    Token,
+)
+from minigpt_cli.serve import api
+from minigpt_cli.serve.api import ApiError
+
+MAX_BODY = 1 << 20  # bytes in a request body
+EOS_TOKEN = "<|endoftext|>"  # how /tokenize and /tokenizer_info spell end-of-text
+STATIC = {  # the web page: a fixed set of files, so no path can reach anything else
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+
+@dataclass
+class ServedModel:
+    scheduler: Scheduler
+    tokenizer: object
+    model_id: str
+    step: int | None
+    val_loss: float | None
+    context: int
+    max_batch: int
+    template: str = "plain"
+
+
+def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="minigpt", docs_url=None, redoc_url=None, openapi_url=None)
+    tok = served.tokenizer
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return JSONResponse(ApiError(e.status_code, str(e.detail), None, code).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        return JSONResponse(ApiError(500, "internal error", kind="server_error").body(),
+                            status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {api_key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(401, "invalid API key: send the header 'Authorization: Bearer KEY'",
+                           None, "invalid_api_key")
+
+    async def read_json(request: Request) -> dict:
+        authorize(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            raise _too_large()
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY:
+                raise _too_large()
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
+        return body
+
+    def model_card() -> dict:
+        return {"id": served.model_id, "object": "model", "created": 0, "owned_by": "minigpt",
+                "step": served.step, "val_loss": served.val_loss,
+                "context_length": served.context}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "active": served.scheduler.active,
+                "queued": served.scheduler.queued}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        authorize(request)
+        api.check_model({"model": model_id}, served.model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        api.check_model(body, served.model_id)
+        gen = api.parse_completion(body, tok, served.context, served.max_batch)
+        return await _respond(served, request, gen, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        api.check_model(body, served.model_id)
+        gen = api.parse_chat(body, tok, served.context, served.max_batch, served.template)
+        return await _respond(served, request, gen, chat=True)
+
+    # vLLM's tokenizer endpoints: evaluation harnesses (lm-eval's local-completions)
+    # tokenize through them, so scores use exactly the server's tokens.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        authorize(request)
+        return {"eos_token": EOS_TOKEN, "bos_token": None, "pad_token": None,
+                "model_max_length": served.context, "tokenizer_class": tok.spec}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await read_json(request)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise ApiError(400, "prompt: must be a string", "prompt", "invalid_type")
+        ids = []
+        for i, part in enumerate(text.split(EOS_TOKEN)):
+            ids += ([tok.eot_id] if i else []) + tok.encode(part)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await read_json(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tok.vocab_size
+                for t in ids):
+            raise ApiError(400, f"tokens: must be a list of ids in [0, {tok.vocab_size})",
+                           "tokens", "invalid_type")
+        return {"prompt": tok.decode(ids)}
+
+    for route, (name, media) in STATIC.items():
+        app.add_api_route(route, _static(name, media), methods=["GET"])
+    return app
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"the body is larger than {MAX_BODY} bytes", None,
+                    "request_too_large")
+
+
+def _static(name: str, media: str):
+    content = resources.files("minigpt_cli.serve").joinpath("static", name).read_bytes()
+
+    async def page():
+        return Response(content, media_type=media,
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+    return page
+
+
+# ---- running a generation ----------------------------------------------------------------------
+
+class _Calls:
+    """The scheduler requests of one API call, their events merged into one queue."""
+
+    def __init__(self, served: ServedModel, gen: api.Generation):
+        self.served, self.gen = served, gen
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.handles = []
+        loop = asyncio.get_running_loop()
+        try:
+            for i, req in enumerate(gen.requests()):
+                def emit(event, i=i):
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+                self.handles.append(served.scheduler.submit(req, emit))
+        except QueueFull as e:
+            self.cancel()
+            raise ApiError(429, f"the server is busy: {e.message}", None,
+                           "rate_limit_exceeded", kind="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            if not h.finished:
+                self.served.scheduler.cancel(h)
+
+    async def started(self) -> list[Started]:
+        """Wait until every prompt is in the batch; a timeout or shutdown is an error."""
+        firsts: dict[int, Started] = {}
+        self.pending: list = []
+        while len(firsts) < len(self.handles):
+            i, event = await self.queue.get()
+            if isinstance(event, Failed):
+                self.cancel()
+                status = 503
+                raise ApiError(status, event.message, None, event.reason,
+                               kind="server_error", headers={"Retry-After": "1"})
+            if isinstance(event, Started):
+                firsts[i] = event
+            else:
+                self.pending.append((i, event))
+        return [firsts[i] for i in range(len(self.handles))]
+
+    async def events(self, request: Request):
+        """The rest of the events, until every prompt is done; stops early when the client
+        goes away (its rows are freed before the next step)."""
+        for item in self.pending:
+            yield item
+        done = 0
+        while done < len(self.handles):
+            try:
+                i, event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.cancel()
+                    return
+                continue
+            if isinstance(event, Done | Failed):
+                done += 1
+            yield i, event
+
+
+async def _respond(served: ServedModel, request: Request, gen: api.Generation, chat: bool):
+    calls = _Calls(served, gen)
+    try:
+        starts = await calls.started()
+    except BaseException:
+        calls.cancel()
+        raise
+    n = gen.settings.num_samples
+    if gen.stream:
+        stream = _chat_stream if chat else _completion_stream
+        return StreamingResponse(_guard(calls, stream(served, request, gen, calls, starts)),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        texts = {}
+        infos: dict[int, list] = {}
+        finish, failed = {}, None
+        async for i, event in calls.events(request):
+            if isinstance(event, Token):
+                k = i * n + event.sample
+                texts[k] = texts.get(k, "") + event.text
+                infos.setdefault(k, []).append(event.info)
+            elif isinstance(event, SampleFinished):
+                finish[i * n + event.sample] = api.FINISH[event.finish_reason]
+            elif isinstance(event, Failed):
+                failed = event
+    finally:
+        calls.cancel()
+    if failed is not None:
+        raise ApiError(503, failed.message, None, failed.reason, kind="server_error")
+    tok = served.tokenizer
+    prompt_tokens = sum(s.prompt_tokens for s in starts)
+    completion_tokens = sum(h.completion_tokens for h in calls.handles)
+    choices = []
+    for k in range(len(starts) * n):
+        start, text, toks = starts[k // n], texts.get(k, ""), infos.get(k, [])
+        reason = finish.get(k, "length")
+        if chat:
+            choices.append({"index": k, "message": {"role": "assistant", "content": text},
+                            "logprobs": api.chat_logprobs(tok, toks)
+                            if gen.logprobs is not None else None,
+                            "finish_reason": reason})
+            continue
+        logprobs = None
+        if gen.echo:
+            prefix = tok.decode(gen.prompts[k // n])
+            text = prefix + text
+            toks = start.prompt + toks
+        if gen.logprobs is not None:
+            logprobs = api.completion_logprobs(tok, toks)
+        choices.append({"index": k, "text": text, "logprobs": logprobs,
+                        "finish_reason": reason})
+    return {"id": api.new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": api.now(), "model": served.model_id, "choices": choices,
+            "usage": api.usage(prompt_tokens, completion_tokens)}
+
+
+async def _guard(calls: _Calls, chunks):
+    """Server-sent events; whatever ends the stream (a disconnect too) frees the rows."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        calls.cancel()
+
+
+async def _chat_stream(served, request, gen, calls: _Calls, starts):
+    n, tok = gen.settings.num_samples, served.tokenizer
+    head = {"id": api.new_id("chatcmpl"), "object": "chat.completion.chunk",
+            "created": api.now(), "model": served.model_id}
+
+    def chunk(k, delta, reason=None, logprobs=None):
+        return {**head, "choices": [{"index": k, "delta": delta, "logprobs": logprobs,
+                                     "finish_reason": reason}]}
+
+    for k in range(len(starts) * n):
+        yield chunk(k, {"role": "assistant", "content": ""})
+    async for i, event in calls.events(request):
+        if isinstance(event, Token):
+            lp = api.chat_logprobs(tok, [event.info]) if gen.logprobs is not None else None
+            if event.text or lp:
+                yield chunk(i * n + event.sample, {"content": event.text}, logprobs=lp)
+        elif isinstance(event, SampleFinished):
+            yield chunk(i * n + event.sample, {}, api.FINISH[event.finish_reason])
+        elif isinstance(event, Failed):
+            yield _failure(event)
+            return
+    if gen.include_usage:
+        yield {**head, "choices": [], "usage": _usage(starts, calls)}
+
+
+async def _completion_stream(served, request, gen, calls: _Calls, starts):
+    n, tok = gen.settings.num_samples, served.tokenizer
+    head = {"id": api.new_id("cmpl"), "object": "text_completion", "created": api.now(),
+            "model": served.model_id}
+
+    def chunk(k, text, reason=None, logprobs=None):
+        return {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
+                                     "finish_reason": reason}]}
+
+    if gen.echo:
+        for k in range(len(starts) * n):
+            infos = starts[k // n].prompt
+            yield chunk(k, tok.decode(gen.prompts[k // n]), logprobs=api.completion_logprobs(
+                tok, infos) if gen.logprobs is not None else None)
+    async for i, event in calls.events(request):
+        if isinstance(event, Token):
+            lp = api.completion_logprobs(tok, [event.info]) \
+                if gen.logprobs is not None else None
+            if event.text or lp:
+                yield chunk(i * n + event.sample, event.text, logprobs=lp)
+        elif isinstance(event, SampleFinished):
+            yield chunk(i * n + event.sample, "", api.FINISH[event.finish_reason])
+        elif isinstance(event, Failed):
+            yield _failure(event)
+            return
+    if gen.include_usage:
+        yield {**head, "choices": [], "usage": _usage(starts, calls)}
+
+
+def _failure(event: Failed) -> dict:
+    """What a stream sends when generation fails after its headers went out."""
+    return ApiError(503, event.message, None, event.reason, kind="server_error").body()
+
+
+def _usage(starts, calls: _Calls) -> dict:
+    return api.usage(sum(s.prompt_tokens for s in starts),
+                     sum(h.completion_tokens for h in calls.handles))

@@ -1,0 +1,94 @@
+"""Loading a run for serving and running uvicorn until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+
+from minigpt_cli.errors import MiniGPTError
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: the server stopped accepting, finished or cancelled its streams and
+    shut down."""
+
+
+def check_serve_deps() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise MiniGPTError(f"serving needs FastAPI and uvicorn ({e.name} is missing)",
+                           "pip install 'minigpt[serve]'") from e
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail early, before a model loads, when the address cannot be listened on."""
+    if not 0 <= port <= 65535:
+        raise MiniGPTError(f"port must be between 0 and 65535, got {port}", setting="port")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise MiniGPTError(f"host {host} is not an address of this machine: {e.strerror}",
+                           setting="host") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise MiniGPTError(f"port {port} on {host} cannot be used: {e.strerror}",
+                               "is another server running there? pick another port",
+                               setting="port") from e
+
+
+def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
+          queue_timeout: float, template: str, api_key: str | None):
+    """The FastAPI app for a run, with its scheduler started; returns (app, served)."""
+    from minigpt_cli.chat.template import TEMPLATES
+    from minigpt_cli.device import configure_backends, select_device
+    from minigpt_cli.generate.batching import Scheduler
+    from minigpt_cli.run.load import load_run
+    from minigpt_cli.serve.app import ServedModel, create_app
+
+    if template not in TEMPLATES:
+        raise MiniGPTError(f"template must be {' or '.join(TEMPLATES)}, got '{template}'",
+                           setting="template")
+    if max_queue < 0:
+        raise MiniGPTError(f"max_queue must be >= 0, got {max_queue}", setting="max_queue")
+    if not queue_timeout > 0:
+        raise MiniGPTError(f"queue_timeout must be > 0, got {queue_timeout}",
+                           setting="queue_timeout")
+    dev = select_device(device)
+    configure_backends(dev)
+    run = load_run(model_dir, dev)
+    scheduler = Scheduler(run.model, run.tokenizer, max_batch=max_batch, max_queue=max_queue,
+                          queue_timeout=queue_timeout)
+    loss = run.state.get("best_val_loss")
+    served = ServedModel(scheduler, run.tokenizer, run.run_dir.name, run.state.get("step"),
+                         loss if isinstance(loss, int | float) else None,
+                         run.model.config.max_seq_length, max_batch, template)
+    return create_app(served, api_key), served
+
+
+def serve(app, served, host: str, port: int, graceful_seconds: float = 5.0) -> None:
+    """Serve until Ctrl-C (KeyboardInterrupt) or SIGTERM (``Terminated``).
+
+    uvicorn handles both signals itself: it stops accepting connections, gives open streams
+    ``graceful_seconds`` to finish and then cancels them (their rows are freed), and only
+    then raises the signal again, which reaches the handlers installed here.
+    """
+    import uvicorn
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=graceful_seconds, access_log=False)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        served.scheduler.close()
+        signal.signal(signal.SIGTERM, old)

@@ -1,0 +1,129 @@
+"""Continuous batching: rows at different positions decode together exactly as alone."""
+
+import queue
+
+import pytest
+import torch
+
+from minigpt_cli.generate.batching import (
+    BatchRequest,
+    Done,
+    Failed,
+    QueueFull,
+    Scheduler,
+    Started,
+    Token,
+)
+from minigpt_cli.generate.decoding import SamplingSettings
+from minigpt_cli.generate.engine import Engine
+
+
+@torch.inference_mode()
+def test_rows_at_different_positions_give_the_logits_of_each_alone(toy_gpt, one_thread):
+    model = toy_gpt(seed=3)
+    prompts = [torch.randint(0, 256, (1, n)) for n in (3, 9, 5)]
+    alone = []
+    for p in prompts:  # each prompt alone: its own cache, one token at a time
+        cache = model.new_cache(1)
+        model(p, cache=cache)
+        steps = []
+        for t in range(4):
+            logits, _ = model(torch.tensor([[t + 7]]), cache=cache)
+            steps.append(logits[0, -1])
+        alone.append(torch.stack(steps))
+    batch = model.new_cache(3)
+    for i, p in enumerate(prompts):  # the same prompts' keys and values in one cache
+        single = model.new_cache(1)
+        model(p, cache=single)
+        for dst, src in zip(batch.layers, single.layers, strict=True):
+            dst.k[i, :, :p.size(1)] = src.k[0, :, :p.size(1)]
+            dst.v[i, :, :p.size(1)] = src.v[0, :, :p.size(1)]
+    batch.lengths = torch.tensor([p.size(1) for p in prompts])
+    together = []
+    for t in range(4):
+        logits, _ = model(torch.full((3, 1), t + 7), cache=batch)
+        together.append(logits[:, -1])
+    assert batch.lengths.tolist() == [7, 13, 9]
+    together = torch.stack(together, dim=1)  # (3, steps, V)
+    for i in range(3):
+        torch.testing.assert_close(together[i], alone[i])
+
+
+def collect(scheduler, request):
+    events = queue.Queue()
+    handle = scheduler.submit(request, events.put)
+    return handle, events
+
+
+def drain(events, timeout=30):
+    out = []
+    while True:
+        event = events.get(timeout=timeout)
+        out.append(event)
+        if isinstance(event, Done | Failed):
+            return out
+
+
+def test_concurrent_greedy_requests_match_the_engine_alone(toy_gpt, byte_tok, one_thread):
+    model = toy_gpt(seed=1, max_seq_length=64)
+    engine = Engine(model, byte_tok, exact_head=True)
+    prompts = ["a", "hello there", "The quick brown fox", "xy"]
+    budgets = [20, 7, 90, 30]  # 90 runs past the context of 64: that row slides
+    expected = []  # first, so that nothing else computes meanwhile
+    for p, m in zip(prompts, budgets, strict=True):
+        sample = list(engine.generate(p, SamplingSettings(max_new_tokens=m,
+                                                          temperature=0)))[-1].samples[0]
+        eot = [byte_tok.eot_id] if sample.finish_reason == "eot" else []
+        expected.append((sample.tokens + eot, sample.text))
+    scheduler = Scheduler(model, byte_tok, max_batch=3)
+    try:
+        runs = [collect(scheduler, BatchRequest(byte_tok.encode(p), SamplingSettings(
+            max_new_tokens=m, temperature=0))) for p, m in zip(prompts, budgets, strict=True)]
+        for (_, events), p, (tokens, text) in zip(runs, prompts, expected, strict=True):
+            got = drain(events)
+            assert [e.info.token for e in got if isinstance(e, Token)] == tokens
+            assert "".join(e.text for e in got if isinstance(e, Token)) == text
+            assert got[-1] == Done(len(byte_tok.encode(p)), len(tokens))
+        assert scheduler.steps > 0 and scheduler.slides > 0
+    finally:
+        scheduler.close()
+
+
+def test_echo_reports_the_prompts_log_probabilities(toy_gpt, byte_tok, one_thread):
+    model = toy_gpt(seed=2)
+    ids = byte_tok.encode("some text to score")
+    scheduler = Scheduler(model, byte_tok)
+    try:
+        _, events = collect(scheduler, BatchRequest(ids, SamplingSettings(
+            max_new_tokens=0, temperature=0), logprobs=2, echo=True))
+        started, done = drain(events)
+    finally:
+        scheduler.close()
+    assert isinstance(started, Started) and done == Done(len(ids), 0)
+    with torch.inference_mode():
+        logp = model(torch.tensor([ids]))[0][0].log_softmax(-1)
+    expected = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    got = torch.tensor([t.logprob for t in started.prompt[1:]])
+    assert started.prompt[0].logprob is None
+    torch.testing.assert_close(got, expected)
+    assert all(len(t.top) == 2 for t in started.prompt[1:])
+
+
+def test_a_cancelled_request_frees_its_rows_and_the_queue_is_bounded(toy_gpt, byte_tok):
+    model = toy_gpt(seed=0)
+    scheduler = Scheduler(model, byte_tok, max_batch=1, max_queue=1, queue_timeout=0.2)
+    try:
+        long = BatchRequest([1, 2, 3], SamplingSettings(max_new_tokens=10_000,
+                                                         temperature=0))
+        handle, events = collect(scheduler, long)
+        assert isinstance(events.get(timeout=10), Started)
+        _, waiting = collect(scheduler, long)  # waits: the only row is busy
+        with pytest.raises(QueueFull):
+            scheduler.submit(long, lambda e: None)
+        failed = drain(waiting)[-1]
+        assert isinstance(failed, Failed) and failed.reason == "timeout"
+        scheduler.cancel(handle)
+        _, after = collect(scheduler, BatchRequest([5], SamplingSettings(max_new_tokens=3)))
+        assert isinstance(drain(after)[-1], Done)
+    finally:
+        scheduler.close()

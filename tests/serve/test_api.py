@@ -1,0 +1,167 @@
+"""The server through the official ``openai`` client and plain HTTP: completions, chat,
+streaming, errors, the API key, static files and disconnects."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from minigpt_cli.run.load import load_run
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(serve_run):
+    return load_run(serve_run).model
+
+
+def test_models_lists_the_run_with_its_step_and_val_loss(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == [server.model_id]
+    card = models[0].model_dump()
+    assert card["step"] == 42 and card["val_loss"] == 3.5
+
+
+def test_completion_plain_and_streaming_agree(client, server, byte_tok):
+    kw = dict(model=server.model_id, prompt="Once upon", max_tokens=12, temperature=0)
+    plain = client.completions.create(**kw)
+    choice = plain.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert plain.usage.prompt_tokens == len(byte_tok.encode("Once upon"))
+    chunks = list(client.completions.create(**kw, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage.total_tokens == plain.usage.total_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+
+
+def test_chat_plain_and_streaming(client, server):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello"}]
+    plain = client.chat.completions.create(model=server.model_id, messages=messages,
+                                           max_tokens=10, temperature=0, seed=3)
+    assert plain.choices[0].message.role == "assistant"
+    assert plain.usage.completion_tokens <= 10
+    stream = client.chat.completions.create(model=server.model_id, messages=messages,
+                                            max_tokens=10, temperature=0, seed=3, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == plain.choices[0].message.content
+
+
+def test_n_samples_and_seed_reproduce(client, server):
+    kw = dict(model=server.model_id, prompt="abc", max_tokens=8, temperature=1.0, n=3, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+
+
+def test_echo_logprobs_equal_the_models_own(client, server, model, byte_tok):
+    text = "The cat sat."
+    out = client.completions.create(model=server.model_id, prompt=text, max_tokens=0,
+                                    echo=True, logprobs=1)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == text and lp.token_logprobs[0] is None
+    ids = byte_tok.encode(text)
+    with torch.inference_mode():
+        logp = model(torch.tensor([ids]))[0][0].log_softmax(-1)
+    expected = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:]), expected)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": 9}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "n": 99}, 400, "n"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": "x" * 3000}, 400, "prompt"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+])
+def test_bad_requests_get_an_openai_error_naming_the_field(server, body, status, param):
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_bad_chat_bodies(server):
+    url = f"{server.url}/v1/chat/completions"
+    for raw, param in [(b"{not json", None), (b"[1]", None),
+                       (json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(),
+                        "messages[0].role"),
+                       (json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(),
+                        "messages[0].content")]:
+        r = httpx.post(url, content=raw, headers={**server.headers,
+                                                  "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
+        assert "Traceback" not in r.text
+    r = httpx.post(url, content=b"x" * (2 << 20), headers=server.headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_the_api_key_is_needed_everywhere_but_health(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"),
+                         ("POST", "/v1/chat/completions"), ("POST", "/tokenize")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k"}):
+            r = httpx.request(method, f"{server.url}{path}", headers=headers, json={})
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+
+
+def test_static_files_only_the_page(server):
+    r = httpx.get(f"{server.url}/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "<script src=\"/app.js\">" in r.text and "http" not in r.text.split("<body>")[1]
+    assert httpx.get(f"{server.url}/app.js").headers["content-type"].startswith(
+        "text/javascript")
+    assert httpx.get(f"{server.url}/style.css").headers["content-type"].startswith("text/css")
+    for path in ["/../pyproject.toml", "/%2e%2e/%2e%2e/etc/passwd", "/static/",
+                 "/static/../app.py", "/..%2fapp.py", "/app.py", "/static/index.html",
+                 "//etc/passwd"]:
+        r = httpx.get(f"{server.url}{path}")
+        assert r.status_code == 404, (path, r.status_code)
+        assert "root:" not in r.text and "import" not in r.text
+
+
+def test_tokenizer_endpoints(server, byte_tok):
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": "hi<|endoftext|>"},
+                   headers=server.headers).json()
+    assert r["tokens"] == [*byte_tok.encode("hi"), byte_tok.eot_id]
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": byte_tok.encode("yo")},
+                   headers=server.headers).json()
+    assert r["prompt"] == "yo"
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    # greedy: this model never says end-of-text here, so only the hang-up ends the stream
+    body = {"prompt": "a", "max_tokens": 100_000, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                      headers=server.headers) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert httpx.get(f"{server.url}/health").json()["active"] == 1
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health").json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "active": 0,
+                                                        "queued": 0}

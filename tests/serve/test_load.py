@@ -1,0 +1,82 @@
+"""Load: 200 requests from 16 concurrent clients, a quarter of them hanging up early and
+some malformed. Every well-formed request completes or gets 429, the server's memory comes
+back to where it was, and it still answers. Then SIGTERM stops it cleanly (exit 143)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def one_request(client: httpx.AsyncClient, i: int, rng: random.Random) -> str:
+    kind = rng.choices(["ok", "stream", "hangup", "bad"], [3, 3, 3, 1])[0] if i % 4 else "hangup"
+    if kind == "bad":
+        r = await client.post("/v1/completions", content=b'{"prompt": 3, "max_tokens": -1')
+        assert r.status_code == 400 and "error" in r.json()
+        return "bad"
+    body = {"prompt": f"request {i}", "max_tokens": rng.randint(4, 40), "temperature": 0.9}
+    if kind == "ok":
+        r = await client.post("/v1/completions", json=body)
+        if r.status_code == 429:
+            assert r.headers["retry-after"]
+            return "429"
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        return "ok"
+    body = {**body, "stream": True, "max_tokens": 2000 if kind == "hangup" else body["max_tokens"]}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code == 429:
+            return "429"
+        assert r.status_code == 200
+        n = 0
+        async for line in r.aiter_lines():
+            if kind == "hangup" and line.startswith("data:"):
+                n += 1
+                if n == 3:
+                    return "hangup"  # leaves the stream: the connection closes
+            if line == "data: [DONE]":
+                return "ok"
+    raise AssertionError("the stream ended without [DONE]")
+
+
+async def load(url: str, headers: dict, total: int = 200, clients: int = 16) -> list[str]:
+    rng = random.Random(0)
+    sem = asyncio.Semaphore(clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60,
+                                 limits=limits) as client:
+        async def run(i):
+            async with sem:
+                return await one_request(client, i, rng)
+        return await asyncio.gather(*(run(i) for i in range(total)))
+
+
+def test_load_200_requests_16_clients_then_sigterm(start_server):
+    server = start_server("--max-batch", "8", "--max-queue", "4", api_key="k")
+    try:
+        warm = asyncio.run(load(server.url, server.headers, total=16))
+        assert set(warm) <= {"ok", "429", "hangup", "bad"}
+        baseline = rss_kib(server.proc.pid)
+        outcomes = asyncio.run(load(server.url, server.headers))
+        assert len(outcomes) == 200 and outcomes.count("hangup") >= 50
+        assert outcomes.count("ok") > 20 and "bad" in outcomes
+        health = httpx.get(f"{server.url}/health").json()
+        assert health == {"status": "ok", "active": 0, "queued": 0}
+        grown = rss_kib(server.proc.pid) - baseline
+        assert grown < 50 * 1024, f"RSS grew by {grown} KiB"
+        r = httpx.post(f"{server.url}/v1/completions", headers=server.headers,
+                       json={"prompt": "still there?", "max_tokens": 3})
+        assert r.status_code == 200
+    finally:
+        code, err = server.stop()
+    assert code == 143, err
+    assert "Traceback" not in err
