@@ -139,6 +139,41 @@ def toy_run(toy_config):
     return make
 
 
+@pytest.fixture(scope="session")
+def chat_run():
+    """``chat_run(run_dir)``: a run as fine-tuning on conversations leaves it (minigpt
+    template, byte tokenizer), with far-from-flat logits and an end of turn that comes
+    soon; returns it loaded."""
+    def make(run_dir: Path):
+        import torch
+
+        from minigpt_cli.chat.template import TEMPLATES, save_run_template
+        from minigpt_cli.config import Config, ModelConfig
+        from minigpt_cli.model.gpt import GPT
+        from minigpt_cli.run import layout
+        from minigpt_cli.run.checkpoint import save_checkpoint
+        from minigpt_cli.run.load import load_run
+
+        tok = minigpt_tokenizers.create("byte")
+        tok.add_special_tokens(TEMPLATES["minigpt"].special_tokens)
+        cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_length=64, embed_dim=32,
+                          num_heads=2, num_layers=2, ff_dim=64, dropout=0.0)
+        torch.manual_seed(3)
+        model = GPT(cfg)
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(20)
+            model.transformer.wte.weight[tok.special_id("<|end|>")] *= 1.5
+        config = Config()
+        config.model = cfg
+        layout.create_run_dir(run_dir)
+        layout.write_run_files(run_dir, config, tok)
+        save_run_template(run_dir, TEMPLATES["minigpt"])
+        save_checkpoint(run_dir, 1, model, state={"best_val_loss": 1.0}, training_tensors={},
+                        best=True)
+        return load_run(run_dir)
+    return make
+
+
 # ---- the toy model -------------------------------------------------------------------------
 
 TOY_MODEL = dict(vocab_size=257, max_seq_length=32, embed_dim=32, num_heads=2, num_layers=2,

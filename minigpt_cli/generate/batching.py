@@ -45,6 +45,7 @@ class BatchRequest:
     echo: bool = False  # also report the prompt's tokens (and their log-probs with logprobs)
     frequency_penalty: float = 0.0  # OpenAI's: logit -= f * count + p * (count > 0)
     presence_penalty: float = 0.0
+    stop_ids: tuple[int, ...] = ()  # besides end-of-text: a chat template's end of turn
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,7 @@ class Scheduler:
         info = self._info(self._log_softmax(raw)[0], token, req.logprobs) \
             if req.logprobs is not None else TokenInfo(token)
         reason = None
-        if token == self.tokenizer.eot_id:
+        if token == self.tokenizer.eot_id or token in req.stop_ids:
             handle.emit(Token(r.sample, info, r.text.finish("eot")))
             reason = "stop"
         else:

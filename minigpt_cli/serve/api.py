@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from minigpt_cli.chat.template import TEMPLATES, Turn
+from minigpt_cli.chat.template import Template
 from minigpt_cli.generate.batching import BatchRequest, TokenInfo
 from minigpt_cli.generate.decoding import SamplingSettings
 
@@ -85,10 +85,11 @@ class Generation:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     prompt_texts: list[str] = field(default_factory=list)
+    stop_ids: tuple[int, ...] = ()
 
     def requests(self) -> list[BatchRequest]:
         return [BatchRequest(p, self.settings, self.logprobs, self.echo,
-                             self.frequency_penalty, self.presence_penalty)
+                             self.frequency_penalty, self.presence_penalty, self.stop_ids)
                 for p in self.prompts]
 
 
@@ -195,30 +196,21 @@ def _message_text(content: Any, i: int) -> str:
                "invalid_type")
 
 
-def render_chat(messages: list[tuple[str, str]], template: str) -> tuple[str, list[str]]:
-    """The prompt and stop strings for a conversation of (role, text) messages.
+def render_chat(messages: list[tuple[str, str]], template: Template,
+                tokenizer) -> tuple[list[int], list[str], tuple[int, ...]]:
+    """The prompt's token ids, stop strings and end-of-turn ids for a conversation of
+    (role, text) messages, laid out by the run's chat template.
 
-    The one place that knows how chat messages become model text.
+    The one place that knows how chat messages become model input.
     """
-    tpl = TEMPLATES[template]
-    system = "\n".join(text for role, text in messages if role in ("system", "developer"))
-    talk = [(role, text) for role, text in messages if role in ("user", "assistant")]
-    turns, user = [], None
-    for role, text in talk[:-1]:
-        if role == "user":
-            if user is not None:
-                turns.append(Turn(user, ""))
-            user = text
-        else:
-            turns.append(Turn(user or "", text))
-            user = None
-    if user is not None:
-        turns.append(Turn(user, ""))
-    return tpl.render(system, turns, talk[-1][1]), list(tpl.stops)
+    msgs = [{"role": "system" if role == "developer" else role, "content": text}
+            for role, text in messages]
+    ids = template.render(tokenizer, msgs, add_generation_prompt=True).ids
+    return ids, list(template.stops), tuple(template.stop_ids(tokenizer))
 
 
 def parse_chat(body: dict, tokenizer, context: int, max_batch: int,
-               template: str) -> Generation:
+               template: Template) -> Generation:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "must be a non-empty list of messages", "invalid_type")
@@ -234,14 +226,14 @@ def parse_chat(body: dict, tokenizer, context: int, max_batch: int,
         parsed.append((role, _message_text(m.get("content"), i)))
     if not any(role in ("user", "assistant") for role, _ in parsed):
         raise _bad("messages", "needs at least one user message")
-    prompt, stops = render_chat(parsed, template)
-    ids = _check_length(tokenizer.encode(prompt) or [tokenizer.eot_id], "messages", context)
+    ids, stops, stop_ids = render_chat(parsed, template, tokenizer)
+    ids = _check_length(ids or [tokenizer.eot_id], "messages", context)
     settings, extra = _sampling(body, max_batch=max_batch, default_max=context,
                                 min_tokens=1, stops=stops + _stops(body))
     logprobs = None
     if _bool(body, "logprobs"):
         logprobs = _number(body, "top_logprobs", 0, 0, 20, integer=True)
-    return Generation([ids], settings, logprobs=logprobs, **extra)
+    return Generation([ids], settings, logprobs=logprobs, stop_ids=stop_ids, **extra)
 
 
 # ---- responses -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from minigpt_cli.chat.template import TEMPLATES, Template
 from minigpt_cli.generate.batching import (
     Done,
     Failed,
@@ -47,7 +48,7 @@ class ServedModel:
     val_loss: float | None
     context: int
     max_batch: int
-    template: str = "plain"
+    template: Template = TEMPLATES["plain"]
 
 
 def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:

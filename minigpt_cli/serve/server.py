@@ -44,31 +44,37 @@ def check_address(host: str, port: int) -> None:
 
 
 def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
-          queue_timeout: float, template: str, api_key: str | None):
+          queue_timeout: float, template: str | None, api_key: str | None,
+          quantize: str = "none"):
     """The FastAPI app for a run, with its scheduler started; returns (app, served)."""
-    from minigpt_cli.chat.template import TEMPLATES
+    from minigpt_cli.chat.template import template_for_run
     from minigpt_cli.device import configure_backends, select_device
     from minigpt_cli.generate.batching import Scheduler
     from minigpt_cli.run.load import load_run
     from minigpt_cli.serve.app import ServedModel, create_app
 
-    if template not in TEMPLATES:
-        raise MiniGPTError(f"template must be {' or '.join(TEMPLATES)}, got '{template}'",
-                           setting="template")
+    if template is not None:
+        template_for_run(None, template)  # an unknown name: refused before the model loads
     if max_queue < 0:
         raise MiniGPTError(f"max_queue must be >= 0, got {max_queue}", setting="max_queue")
     if not queue_timeout > 0:
         raise MiniGPTError(f"queue_timeout must be > 0, got {queue_timeout}",
                            setting="queue_timeout")
+    from minigpt_cli.generate.quant import check_quantize, quantize_model
+
     dev = select_device(device)
     configure_backends(dev)
+    quantize = check_quantize(quantize, dev)
     run = load_run(model_dir, dev)
+    chat_template = template_for_run(run.run_dir, template)
+    chat_template.check_tokenizer(run.tokenizer)
+    quantize_model(run.model, quantize)
     scheduler = Scheduler(run.model, run.tokenizer, max_batch=max_batch, max_queue=max_queue,
                           queue_timeout=queue_timeout)
     loss = run.state.get("best_val_loss")
     served = ServedModel(scheduler, run.tokenizer, run.run_dir.name, run.state.get("step"),
                          loss if isinstance(loss, int | float) else None,
-                         run.model.config.max_seq_length, max_batch, template)
+                         run.model.config.max_seq_length, max_batch, chat_template)
     return create_app(served, api_key), served
 
 

@@ -85,38 +85,7 @@ def test_the_exported_files_carry_the_template_and_tokens(exported):
     assert hf.decode([tok.special_id("<|im_end|>")]) == "<|im_end|>"
 
 
-def chat_run(run_dir: Path):
-    """A run as fine-tuning on conversations leaves it (minigpt template, byte tokenizer),
-    with far-from-flat logits and an end of turn that comes soon."""
-    import torch
-
-    from minigpt_cli.chat.template import save_run_template
-    from minigpt_cli.config import Config, ModelConfig
-    from minigpt_cli.model.gpt import GPT
-    from minigpt_cli.run import layout
-    from minigpt_cli.run.checkpoint import save_checkpoint
-    from minigpt_cli.run.load import load_run
-
-    tok = minigpt_tokenizers.create("byte")
-    tok.add_special_tokens(TEMPLATES["minigpt"].special_tokens)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_length=64, embed_dim=32,
-                      num_heads=2, num_layers=2, ff_dim=64, dropout=0.0)
-    torch.manual_seed(3)
-    model = GPT(cfg)
-    with torch.no_grad():
-        model.transformer.wte.weight.mul_(20)
-        model.transformer.wte.weight[tok.special_id("<|end|>")] *= 1.5
-    config = Config()
-    config.model = cfg
-    layout.create_run_dir(run_dir)
-    layout.write_run_files(run_dir, config, tok)
-    save_run_template(run_dir, TEMPLATES["minigpt"])
-    save_checkpoint(run_dir, 1, model, state={"best_val_loss": 1.0}, training_tensors={},
-                    best=True)
-    return load_run(run_dir)
-
-
-def test_an_exported_chat_run_answers_in_transformers_as_in_minigpt(tmp_path):
+def test_an_exported_chat_run_answers_in_transformers_as_in_minigpt(tmp_path, chat_run):
     """transformers' greedy reply to apply_chat_template's prompt is minigpt's reply, and
     both end at the end of turn."""
     import json
@@ -151,7 +120,7 @@ def test_an_exported_chat_run_answers_in_transformers_as_in_minigpt(tmp_path):
         assert theirs == ours.tokens
 
 
-def test_gguf_carries_the_chat_template_and_its_tokens(tmp_path):
+def test_gguf_carries_the_chat_template_and_its_tokens(tmp_path, chat_run):
     gguf = pytest.importorskip("gguf")
     from minigpt_cli.convert.export import export
 

@@ -18,9 +18,15 @@ from minigpt_cli.generate.decoding import SamplingSettings
 from minigpt_cli.generate.engine import Engine
 
 
+VARIANTS = {"gpt2": {}, "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu",
+                                       num_kv_heads=1, bias=False)}
+
+
 @torch.inference_mode()
-def test_rows_at_different_positions_give_the_logits_of_each_alone(toy_gpt, one_thread):
-    model = toy_gpt(seed=3)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rows_at_different_positions_give_the_logits_of_each_alone(toy_gpt, one_thread,
+                                                                  variant):
+    model = toy_gpt(seed=3, **VARIANTS[variant])  # rotary angles and kv heads per row too
     prompts = [torch.randint(0, 256, (1, n)) for n in (3, 9, 5)]
     alone = []
     for p in prompts:  # each prompt alone: its own cache, one token at a time
@@ -87,6 +93,27 @@ def test_concurrent_greedy_requests_match_the_engine_alone(toy_gpt, byte_tok, on
         assert scheduler.steps > 0 and scheduler.slides > 0
     finally:
         scheduler.close()
+
+
+def test_a_request_ends_at_its_stop_ids(toy_gpt, byte_tok, one_thread):
+    """A chat template's end of turn ends a row as end-of-text does, left out of the text."""
+    model = toy_gpt(seed=1, max_seq_length=64)
+    ids = byte_tok.encode("hello")
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    scheduler = Scheduler(model, byte_tok, max_batch=2)
+    try:
+        free = [e for e in drain(collect(scheduler, BatchRequest(ids, greedy))[1])
+                if isinstance(e, Token)]
+        end = free[3].info.token  # the fourth greedy token plays the end of turn
+        first = next(i for i, e in enumerate(free) if e.info.token == end)
+        got = drain(collect(scheduler, BatchRequest(ids, greedy, stop_ids=(end,)))[1])
+    finally:
+        scheduler.close()
+    tokens = [e for e in got if isinstance(e, Token)]
+    assert [e.info.token for e in tokens] == [e.info.token for e in free[:first + 1]]
+    assert "".join(e.text for e in tokens) == byte_tok.decode(
+        [e.info.token for e in free[:first]])
+    assert got[-1] == Done(len(ids), first + 1)
 
 
 def test_echo_reports_the_prompts_log_probabilities(toy_gpt, byte_tok, one_thread):

@@ -86,6 +86,8 @@ def server(serve_run):
 
 @pytest.fixture(scope="session")
 def start_server(serve_run):
-    """``start_server(*flags, api_key=None)``: another server over the toy run, of the
+    """``start_server(*flags, api_key=None, run_dir=None)``: another server over the toy run
+    (or ``run_dir``), of the
     test's own (stop it with ``.stop()``, which sends SIGTERM and returns (code, stderr))."""
-    return lambda *flags, api_key=None: Server(serve_run, *flags, api_key=api_key)
+    return lambda *flags, api_key=None, run_dir=None: Server(run_dir or serve_run, *flags,
+                                                             api_key=api_key)

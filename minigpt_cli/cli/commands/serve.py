@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from minigpt_cli.cli import ui
-from minigpt_cli.cli.options import Device, ModelDir
+from minigpt_cli.cli.options import Device, ModelDir, Quantize
 
 EXAMPLES = """Examples:
 
@@ -39,8 +39,10 @@ def serve(
         "--max-queue", help="Requests that may wait for a slot; beyond, 429.")] = 64,
     queue_timeout: Annotated[float, typer.Option(
         "--queue-timeout", help="Seconds a request may wait for a slot.")] = 60.0,
-    template: Annotated[str, typer.Option(
-        help="Chat template for /v1/chat/completions: plain or chat.")] = "plain",
+    template: Annotated[str | None, typer.Option(
+        help="Chat template for /v1/chat/completions (plain, chat, chatml, minigpt). "
+             "Default: the one the run was fine-tuned with, else plain.")] = None,
+    quantize: Quantize = "none",
     device: Device = "auto",
 ) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
@@ -53,7 +55,7 @@ def serve(
     check_serve_deps()
     check_address(host, port)
     app, served = build(model, device, max_batch, max_queue, queue_timeout, template,
-                        api_key or None)
+                        api_key or None, quantize)
     if host in ("0.0.0.0", "::") and not api_key:
         ui.warn(f"listening on every interface ({host}) without --api-key: anyone who can "
                 "reach this machine can use the model")
