@@ -181,7 +181,7 @@ class LoraConfig:
     rank: int | None = None  # 0 or null: no adapters (full fine-tuning or training)
     alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
     dropout: float = 0.0  # on the adapters' input
-    targets: str = "c_attn, c_proj, c_fc"  # module names (or name endings), comma-separated
+    targets: str = "attn, mlp"  # module names, endings or parents (attn, mlp), comma-separated
 
     @property
     def enabled(self) -> bool:
@@ -200,7 +200,7 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.enabled and not self.target_list:
             raise ConfigError("lora.targets names no module",
-                              "list module names such as c_attn, c_proj, c_fc")
+                              "list module names such as attn, mlp, c_attn, mlp.c_fc")
 
 
 SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,

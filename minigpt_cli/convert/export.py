@@ -119,13 +119,17 @@ def peft_adapter(run: LoadedRun) -> tuple[dict[str, Any], dict[str, Any]]:
     PEFT names a GPT-2 adapter ``base_model.model.<module>.lora_A.weight``; its lora_A and
     lora_B are ``nn.Linear`` layers even on GPT-2's ``Conv1D`` projections (that is what
     ``fan_in_fan_out`` says), so minigpt's (rank, in) and (out, rank) matrices go as they are.
+    A Llama-style model's adapters take the Llama export's names (``llama.to_llama_adapter``).
     """
     if run.adapters is None:
         raise ConvertError(f"adapter_only: {run.run_dir} is not a LoRA run, it has no "
                            "adapters", "export it without adapter_only",
                            setting="adapter_only")
+    llama_family = llama.family(run.config.model) == "llama"
     tensors, modules = {}, []
-    for key, value in run.adapters.items():
+    if llama_family:
+        tensors, modules = llama.to_llama_adapter(run.adapters, run.config.model)
+    for key, value in run.adapters.items() if not llama_family else ():
         module, _, which = key.rpartition(".")  # which: lora_A or lora_B
         tensors[f"base_model.model.{module}.{which}.weight"] = \
             value.detach().to("cpu", torch.float32).contiguous()
@@ -143,7 +147,7 @@ def peft_adapter(run: LoadedRun) -> tuple[dict[str, Any], dict[str, Any]]:
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
-        "target_modules": modules, "fan_in_fan_out": True, "bias": "none",
+        "target_modules": modules, "fan_in_fan_out": not llama_family, "bias": "none",
         "init_lora_weights": True, "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "inference_mode": True,
     }

@@ -105,6 +105,33 @@ def to_llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return dict(sorted(out.items()))
 
 
+def to_llama_adapter(adapters: dict[str, torch.Tensor], cfg: ModelConfig
+                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """LoRA adapters (``<module>.lora_A`` / ``.lora_B`` of minigpt's modules) as PEFT names
+    them on the Llama export, and the target module names. The fused ``c_attn``'s adapter
+    becomes one per projection: each keeps the shared A and takes its rows of B, which
+    computes exactly the same update."""
+    sizes = (cfg.embed_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
+    out: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    for key, tensor in adapters.items():
+        module, _, which = key.rpartition(".")  # transformer.h.I.REST, lora_A | lora_B
+        _, _, i, rest = module.split(".", 3)
+        prefix = f"base_model.model.{LAYER.format(i)}"
+        t = tensor.detach().to("cpu", torch.float32)
+        if rest == "attn.c_attn":
+            pieces = t.split(sizes, dim=0) if which == "lora_B" else (t, t.clone(), t.clone())
+            names = [f"self_attn.{part}" for part in QKV]
+        else:
+            pieces, names = (t,), [BLOCK_NAMES[rest]]
+        for name, piece in zip(names, pieces, strict=True):
+            out[f"{prefix}{name}.{which}.weight"] = piece.contiguous()
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in targets:
+                targets.append(leaf)
+    return dict(sorted(out.items())), targets
+
+
 # ---- Llama -> minigpt -------------------------------------------------------------------------
 
 def model_config(raw: dict[str, Any], origin: str) -> ModelConfig:

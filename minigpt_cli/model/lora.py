@@ -73,7 +73,9 @@ class LoRALinear(nn.Linear):
 
 
 def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
+    """A projection's full name, its ending (``c_attn``, ``attn.c_proj``), or a module it
+    lies in (``attn``, ``mlp``: every projection there, whatever the variant has)."""
+    return name == target or name.endswith("." + target) or f".{target}." in f".{name}"
 
 
 def target_names(model: nn.Module, cfg: LoraConfig) -> list[str]:

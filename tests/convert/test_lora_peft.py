@@ -127,3 +127,35 @@ def test_adapter_only_needs_a_lora_run_and_the_hf_format(tmp_path):
     with pytest.raises(ConvertError, match="^adapter_only writes a PEFT adapter folder"):
         export(load_run(base), tmp_path / "x", "gguf", adapter_only=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_peft_loads_the_adapter_of_a_llama_style_run(tmp_path):
+    """A rope/rmsnorm/swiglu run with grouped-query attention: its fused c_attn adapter
+    goes to PEFT as q_proj, k_proj and v_proj adapters on the Llama export, gate_proj too."""
+    torch.manual_seed(6)
+    cfg = ModelConfig(vocab_size=257, max_seq_length=32, embed_dim=32, num_heads=4,
+                      num_kv_heads=2, num_layers=2, ff_dim=48, dropout=0.0, bias=False,
+                      position="rope", norm="rmsnorm", mlp="swiglu")
+    config = Config()
+    config.model = cfg
+    base = tmp_path / "base"
+    layout.create_run_dir(base)
+    layout.write_run_files(base, config, minigpt_tokenizers.create("byte"))
+    save_checkpoint(base, 1, GPT(cfg), state={"best_val_loss": None}, training_tensors={},
+                    best=True)
+    run = load_run(lora_run(tmp_path, base))
+    export(load_run(base), tmp_path / "base-hf", "hf")
+    export(run, tmp_path / "adapter", "hf", adapter_only=True)
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert not config["fan_in_fan_out"]
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base-hf").eval()
+    model = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    assert len({n for n, _ in model.named_parameters() if "lora_B" in n}) == 14
+    ids = run.tokenizer.encode(TEXT[:30])
+    expected = logits_of(run.model, ids)
+    torch.testing.assert_close(logits_of(model, ids), expected, atol=1e-4, rtol=0)
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base-hf").eval()
+    assert not torch.allclose(logits_of(plain, ids), expected, atol=1e-3)
