@@ -125,6 +125,10 @@ def peft_adapter(run: LoadedRun) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConvertError(f"adapter_only: {run.run_dir} is not a LoRA run, it has no "
                            "adapters", "export it without adapter_only",
                            setting="adapter_only")
+    if "vocab_size" in (run.state.get("base") or {}):
+        raise ConvertError(f"adapter_only: {run.run_dir} added tokens (its chat template's) "
+                           "to its base, which a PEFT adapter of the base cannot carry",
+                           "export the merged model instead", setting="adapter_only")
     llama_family = llama.family(run.config.model) == "llama"
     tensors, modules = {}, []
     if llama_family:

@@ -37,6 +37,7 @@ class Source:
     state_dict: dict[str, torch.Tensor]
     tokenizer: object
     path: Path | None = None  # the local run directory or folder it was read from
+    base: dict | None = None  # for LoRA: the base's sha256 (and vocab_size) before new rows
 
     def build(self, cfg: ModelConfig | None = None) -> GPT:
         """The model with these weights (``cfg`` may differ in dropout only)."""

@@ -24,6 +24,8 @@ from minigpt_cli.model.gpt import GPT
 from minigpt_cli.model.kernels import Dropout
 
 ADAPTER_MARK = ".lora_"  # in the name of every adapter tensor
+ADDED_ROWS = "added_rows."  # checkpoint keys of embedding rows the base lacks (new tokens)
+VOCAB_KEYS = ("transformer.wte.weight", "lm_head.weight")
 BLOCKS = "transformer.h."  # adapters go on the projections inside the blocks
 
 
@@ -165,6 +167,66 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) numbers of ``model``; a tied tensor counts once."""
+    """(trainable, total) numbers of ``model``; a tied tensor counts once, and of an
+    embedding with new tokens only their rows are trainable."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    trainable = sum(p.numel() - getattr(p, "frozen_rows", 0) * p[0].numel()
+                    for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params)
+
+
+# ---- tokens the base lacks (a chat template's) --------------------------------------------
+
+def grow_vocab_rows(state_dict: dict[str, torch.Tensor], vocab_size: int) -> None:
+    """Make room for new tokens in a base's weights, in place: new rows of the embedding
+    (and of an untied head) start at the mean of the existing ones, so they are the same
+    wherever the base is grown again."""
+    for key in VOCAB_KEYS:
+        w = state_dict.get(key)
+        if w is not None and w.size(0) < vocab_size:
+            extra = w.float().mean(0, keepdim=True).to(w.dtype).expand(vocab_size - w.size(0),
+                                                                       -1)
+            state_dict[key] = torch.cat([w, extra])
+
+
+def _vocab_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The embedding and, when untied, the head: the tensors with a row per token."""
+    out: dict[str, nn.Parameter] = {}
+    for key in VOCAB_KEYS:
+        p = model.get_parameter(key)
+        if all(p is not q for q in out.values()):
+            out[key] = p
+    return out
+
+
+def train_added_rows(model: nn.Module, base_vocab: int) -> None:
+    """Train the rows of tokens the base lacks beside the adapters; the base's own rows get
+    no gradient, so AdamW (no decay on embeddings) leaves them bit-identical."""
+    for p in _vocab_params(model).values():
+        if p.size(0) > base_vocab:
+            p.requires_grad_(True)
+            p.frozen_rows = base_vocab
+            p.register_hook(lambda g, n=base_vocab: torch.cat([g[:n].zero_(), g[n:]]))
+
+
+def checkpoint_state(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                     base_vocab: int | None) -> dict[str, torch.Tensor]:
+    """What a LoRA checkpoint holds: the adapters, and the rows of tokens the base lacks."""
+    out = adapter_state(state_dict)
+    if base_vocab is not None:
+        for key, p in _vocab_params(model).items():
+            if p.size(0) > base_vocab:
+                out[ADDED_ROWS + key] = state_dict[key][base_vocab:]
+    return out
+
+
+def load_added_rows(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put the checkpoint's new-token rows (popped from ``weights``) into ``model``."""
+    params = _vocab_params(model)
+    for key in [k for k in weights if k.startswith(ADDED_ROWS)]:
+        rows = weights.pop(key)
+        p = params.get(key[len(ADDED_ROWS):])
+        if p is None or rows.size(0) > p.size(0) or rows.shape[1:] != p.shape[1:]:
+            raise ValueError(f"{key} {tuple(rows.shape)} does not fit the model")
+        with torch.no_grad():
+            p[p.size(0) - rows.size(0):] = rows

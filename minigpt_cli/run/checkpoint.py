@@ -288,8 +288,9 @@ def load_weights(model: GPT, ckpt: Path) -> None:
     verify(ckpt, MODEL_FILE)
     weights = _load_tensors(ckpt / MODEL_FILE)
     try:
+        lora.load_added_rows(model, weights)  # a LoRA run's new tokens (popped from weights)
         missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(f"weights in {ckpt} do not match the run's config: {first}",
                               "put back the config.yaml the run was trained with") from e

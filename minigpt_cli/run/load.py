@@ -117,6 +117,9 @@ def base_weights(run_dir: Path, base: dict[str, str],
     wpe = weights.get("transformer.wpe.weight")
     if wpe is not None and wpe.size(0) > model.max_seq_length:  # the run's shorter context
         weights["transformer.wpe.weight"] = wpe[:model.max_seq_length].clone()
+    digest = lora.fingerprint(weights)  # of the base as it is, before any new token's row
+    if "vocab_size" in base:  # the run added tokens (its chat template's): their rows
+        lora.grow_vocab_rows(weights, model.vocab_size)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(model).state_dict().items()
                     if k not in TIED_KEYS}
@@ -127,7 +130,6 @@ def base_weights(run_dir: Path, base: dict[str, str],
             raise CheckpointError(f"{what} changed: {key} has shape "
                                   f"{tuple(weights[key].shape)}, the run was trained on "
                                   f"{tuple(shape)}", BASE_HINT)
-    digest = lora.fingerprint(weights)
     if digest != base["sha256"]:
         raise CheckpointError(f"{what} changed: the sha256 of its weights is {digest[:12]}, "
                               f"the run was trained on {base['sha256'][:12]}", BASE_HINT)

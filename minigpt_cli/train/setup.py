@@ -135,11 +135,7 @@ def init_source(config: Config, changed: set[str]):
 def grow_vocab(start, vocab_size: int) -> None:
     """Make room for new tokens (a chat template's) in a model to fine-tune: new rows of
     the embedding (tied with the output head) start at the mean of the existing ones."""
-    for key in ("transformer.wte.weight", "lm_head.weight"):
-        w = start.state_dict.get(key)
-        if w is not None and w.size(0) < vocab_size:
-            extra = w.float().mean(0, keepdim=True).to(w.dtype).expand(vocab_size - w.size(0), -1)
-            start.state_dict[key] = torch.cat([w, extra])
+    lora.grow_vocab_rows(start.state_dict, vocab_size)
     start.model = dataclasses.replace(start.model, vocab_size=vocab_size)
 
 
@@ -254,6 +250,9 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
     if template is not None and not resume:
         tokenizer.add_special_tokens(template.special_tokens)
         if start is not None and tokenizer.vocab_size > config.model.vocab_size:
+            if config.lora.enabled:  # the base as it is, before its new rows
+                start.base = {"sha256": lora.fingerprint(start.state_dict),
+                              "vocab_size": config.model.vocab_size}
             grow_vocab(start, tokenizer.vocab_size)
             config.model = start.model
     if config.model.vocab_size is None:
@@ -282,7 +281,8 @@ def resumed_base(run_dir: Path, checkpoint: Path, config: Config):
     base = base_record(checkpoint, ckpt.read_state(checkpoint))
     weights = base_weights(run_dir, base, config.model)
     return Source(base.get("source", base["path"]), config.model, weights, None,
-                  Path(base["path"]))
+                  Path(base["path"]),
+                  {k: base[k] for k in ("sha256", "vocab_size") if k in base})
 
 
 def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path | None,
@@ -308,7 +308,9 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
         lora.inject(model, config.lora)
         if start is not None:
             base = {"source": config.train.init, "path": str(start.path),
-                    "sha256": lora.fingerprint(start.state_dict)}
+                    **(start.base or {"sha256": lora.fingerprint(start.state_dict)})}
+        if base is not None and "vocab_size" in base:  # the template's new tokens learn too
+            lora.train_added_rows(model, base["vocab_size"])
     if dist.enabled:
         distributed.broadcast_module(model)  # rank 0's weights (train.init) everywhere
         torch.manual_seed(config.train.seed + dist.rank)  # each rank its own dropout

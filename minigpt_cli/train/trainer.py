@@ -145,7 +145,8 @@ class Trainer:
             weights = self.model.state_dict()
             tensors, optim_meta = ckpt.flatten_optimizer(self.optimizer)
         if lora.has_adapters(self.model):  # the base is frozen and recorded, not saved
-            weights = lora.adapter_state(weights)
+            weights = lora.checkpoint_state(self.model, weights,
+                                            (self.base or {}).get("vocab_size"))
         state = {
             "best_val_loss": self.best_val_loss,
             "elapsed": self.elapsed,

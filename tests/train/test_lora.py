@@ -102,3 +102,54 @@ def test_a_missing_or_changed_base_is_refused_naming_its_path(tmp_path, base, lo
     shutil.rmtree(base)
     shutil.move(tmp_path / "elsewhere", base)  # back as it was
     assert load.load_run(tmp_path / "lora").config.lora.rank == 4
+
+
+def test_lora_on_conversations_trains_the_templates_new_tokens_and_resumes(
+        tmp_path, base, train_config, untimed_records, stop_after):
+    """Fine-tuning a base on conversations adds the template's tokens: under LoRA their
+    embedding rows train beside the adapters (the base's rows stay bit-identical), the
+    checkpoint holds just those rows, loading grows the base the same way, and resuming
+    is exact."""
+    import json
+
+    from minigpt_cli.chat.template import TEMPLATES
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w.upper()}]})
+        + "\n" for w in ("abc", "bcd", "cde", "def", "efg", "fgh", "ghi", "hij") * 8))
+    settings = (f"train.init={base}", "lora.rank=4", "lora.alpha=8", "train.max_steps=6")
+
+    def config():
+        return train_config(chats, *settings)
+
+    run = prepare(config(), tmp_path / "lora")
+    before = run.trainer.model.transformer.wte.weight.detach().clone()
+    n_new = len(TEMPLATES["minigpt"].special_tokens)
+    base_vocab = before.size(0) - n_new
+    trainable, _ = lora.count_parameters(run.trainer.model)
+    adapters = sum(p.numel() for n, p in run.trainer.model.named_parameters() if ".lora_" in n)
+    assert trainable == adapters + n_new * before.size(1)
+    run.trainer.fit()
+    after = run.trainer.model.transformer.wte.weight.detach()
+    assert torch.equal(after[:base_vocab], before[:base_vocab])
+    assert not torch.equal(after[base_vocab:], before[base_vocab:])
+
+    saved = checkpoint.read_weights(checkpoint.checkpoint_dir(tmp_path / "lora", "latest"))
+    rows = saved["added_rows.transformer.wte.weight"]
+    assert rows.shape == (n_new, before.size(1))
+    assert all(lora.is_adapter_key(k) or k.startswith(lora.ADDED_ROWS) for k in saved)
+    loaded = load.load_run(tmp_path / "lora", which="latest")
+    ids = torch.randint(0, base_vocab, (1, 20), generator=torch.Generator().manual_seed(0))
+    ids[0, 3] = base_vocab + 1  # a template token
+    run.trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids)[0], run.trainer.model(ids)[0],
+                                   atol=1e-5, rtol=0)
+
+    part = prepare(config(), tmp_path / "part")
+    stop_after(part, 3)
+    with pytest.raises(TrainingStopped):
+        part.trainer.fit()
+    prepare(config(), tmp_path / "part", resume=True).trainer.fit()
+    assert untimed_records(tmp_path / "part") == untimed_records(tmp_path / "lora")
