@@ -1,9 +1,9 @@
 """Full fine-tuning against LoRA: peak memory and tokens/s of minigpt's training step.
 
 For each model shape (the `small` preset's and GPT-2 124M's, random weights), full
-fine-tuning and LoRA (rank 8 on every attention and MLP projection by default) run the trainer's own step
-(AdamW, gradient clipping, fp32) on the same random tokens, each in its own process, so that
-the peak resident memory (VmHWM, the RSS high-water mark) is that mode's alone. The memory
+fine-tuning and LoRA (rank 8 on every attention and MLP projection) run the trainer's own
+step (AdamW, gradient clipping, fp32) on the same random tokens, each in its own process, so
+that the peak resident memory (VmHWM, the RSS high-water mark) is that mode's alone. The memory
 after building the model, before the first step, is printed too: the difference is what
 training adds (gradients, optimizer state, activations).
 

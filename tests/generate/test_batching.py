@@ -17,7 +17,6 @@ from minigpt_cli.generate.batching import (
 from minigpt_cli.generate.decoding import SamplingSettings
 from minigpt_cli.generate.engine import Engine
 
-
 VARIANTS = {"gpt2": {}, "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu",
                                        num_kv_heads=1, bias=False)}
 
