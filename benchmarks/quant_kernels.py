@@ -4,15 +4,17 @@ One ``nn.Linear`` of each shape the `small` model decodes with (batch 1), timed 
 five ways in turn: fp32 ``nn.Linear``; ``Int8Linear`` and ``Int4Linear`` (minigpt_cli/
 generate/quant.py); torchao's ``Int8WeightOnlyConfig`` and, where it takes the shape, its
 CPU int4 layout (``PrototypeInt4WeightOnlyConfig``, bf16 weights, groups of 32). Each figure
-is the best of ``--rounds`` rounds of ``--calls`` calls, in microseconds per call.
+is the median of ``--calls`` timed calls, in microseconds (robust to the time slices that
+other processes take on a loaded machine).
 
-Usage: python benchmarks/quant_kernels.py [--threads 1] [--rounds 3] [--calls 100]
+Usage: python benchmarks/quant_kernels.py [--threads 1] [--calls 300]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 import warnings
 
@@ -48,30 +50,28 @@ def torchao_layers(lin: nn.Linear) -> dict:
     return out
 
 
-def best_us(fn, x, rounds: int, calls: int) -> float:
+def median_us(fn, x, calls: int) -> float:
+    times = []
     with torch.inference_mode():
         for _ in range(5):
             fn(x)
-        best = float("inf")
-        for _ in range(rounds):
+        for _ in range(calls):
             t0 = time.perf_counter()
-            for _ in range(calls):
-                fn(x)
-            best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (decoding steps "
                     "through the layers run on one)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--calls", type=int, default=300)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"CPU: {machine.cpu()}; {machine.torch_level()}; load {machine.load()}")
-    print("microseconds per call, batch 1 (best of rounds):")
+    print("microseconds per call, batch 1 (median):")
     for n, k, name in SHAPES:
         lin = nn.Linear(k, n, bias=name != "lm_head")
         ways = {"fp32": lin, "minigpt int8": Int8Linear(lin), "minigpt int4": Int4Linear(lin),
@@ -80,7 +80,7 @@ def main() -> None:
         cells = []
         for way, fn in ways.items():
             cells.append(f"{way} {fn}" if isinstance(fn, str) else
-                         f"{way} {best_us(fn, x, args.rounds, args.calls):7.0f}")
+                         f"{way} {median_us(fn, x, args.calls):7.0f}")
         print(f"{name:12s} {n:5d}x{k:<4d} " + " | ".join(cells))
     print(f"load after: {machine.load()}")
 
