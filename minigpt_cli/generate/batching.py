@@ -314,7 +314,11 @@ class Scheduler:
         B = len(self.rows)
         idx = torch.tensor([[r.next_token] for r in self.rows], dtype=torch.long,
                            device=self.device)
-        self.cache.lengths = torch.tensor([r.length for r in self.rows], device=self.device)
+        lengths = [r.length for r in self.rows]
+        if len(set(lengths)) == 1:  # every row at one position (one stream, say): no mask
+            self.cache.length = lengths[0]
+        else:
+            self.cache.lengths = torch.tensor(lengths, device=self.device)
         with one_thread(self.device.type == "cpu" and B <= SMALL_STEP):
             x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
         self.cache.lengths = None
