@@ -275,8 +275,7 @@ RELATIVE_TOLERANCE = {"f32": 1e-3, "f16": 2e-3, "q8_0": 2.5e-2}
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["gpt2", "byte"])
-def test_llama_cpp_runs_the_export(tmp_path, request, kind, dtype):
-    llama_cpp = pytest.importorskip("llama_cpp")
+def test_llama_cpp_runs_the_export(tmp_path, request, kind, dtype, llama_cpp_logits):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"no text at {SHAKESPEARE}")
     tokenizer = request.getfixturevalue(f"{kind}_tokenizer")
@@ -288,19 +287,13 @@ def test_llama_cpp_runs_the_export(tmp_path, request, kind, dtype):
     path = tmp_path / f"{kind}-{dtype}.gguf"
     export_gguf(model, tokenizer, path, dtype)
 
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1,
-                          verbose=False)
-    try:
+    def same_tokens(llm) -> None:
         prefix = tokenizer.decode(ids)
         assert llm.tokenize(prefix.encode(), add_bos=False, special=False) == ids
         for t in TRICKY:
             assert llm.tokenize(t.encode(), add_bos=False, special=False) == tokenizer.encode(t)
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
-    with torch.no_grad():
-        want = model(torch.tensor([ids]))[0][0].double().numpy()
+
+    got, want = llama_cpp_logits(path, model, ids, same_tokens)
     diff = float(np.abs(got - want).max())
     scale = float(np.abs(want).max())
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())

@@ -82,23 +82,14 @@ def test_llama_with_biases_is_refused(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 @pytest.mark.parametrize("kv_heads, tied", [(2, True), (1, False)])
-def test_llama_cpp_runs_the_llama_export(tmp_path, dtype, kv_heads, tied):
-    llama_cpp = pytest.importorskip("llama_cpp")
+def test_llama_cpp_runs_the_llama_export(tmp_path, dtype, kv_heads, tied, llama_cpp_logits):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"no text at {SHAKESPEARE}")
     model = llama_toy(kv_heads, tied, seed=1)
     ids = ids_of(SHAKESPEARE.read_text(encoding="utf-8")[:64])
     path = tmp_path / f"llama-{dtype}.gguf"
     export_gguf(model, minigpt_tokenizers.create("byte"), path, dtype)
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1,
-                          verbose=False)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
-    with torch.no_grad():
-        want = model(torch.tensor([ids]))[0][0].double().numpy()
+    got, want = llama_cpp_logits(path, model, ids)
     diff, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
     print(f"\nllama.cpp llama {dtype} kv {kv_heads}: max |logit diff| {diff:.4g} of logits up "
           f"to {scale:.3g} ({diff / scale:.2g})")
