@@ -27,7 +27,12 @@ import torch
 
 from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.generate.cache import SMALL_STEP, one_thread
-from minigpt_cli.generate.decoding import REPETITION_WINDOW, SamplingSettings, sample_next
+from minigpt_cli.generate.decoding import (
+    REPETITION_WINDOW,
+    SamplingSettings,
+    sample_next,
+    sample_rows,
+)
 from minigpt_cli.generate.engine import SampleFinished, _Sample
 from minigpt_cli.generate.quant import DecodingHead
 from minigpt_cli.model.gpt import GPT
@@ -337,28 +342,49 @@ class Scheduler:
             logits = exact_logits if logits is None else logits.index_copy(
                 0, torch.tensor(exact, device=x.device), exact_logits)
         logits = logits[:, :self.vocab]
-        for i, r in enumerate(rows):
-            self._advance(r, logits[i:i + 1])
+        live = [i for i, r in enumerate(rows) if not r.handle.cancelled]
+        # a few passes over a few rows of logits: one thread, switched once for all rows
+        with one_thread(logits.device.type == "cpu"):
+            tokens = self._draw([rows[i] for i in live], logits[live])
+        for r in rows:
+            r.next_token = -1
+        for i, token in zip(live, tokens, strict=True):
+            self._advance(rows[i], token, logits[i:i + 1])
         for i in reversed(range(len(self.rows))):
             if self.rows[i].next_token < 0:
                 self._remove(i)
 
+    def _draw(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """The next token of every row: rows with the same settings and no penalties in one
+        batch (each with its own generator, so a row's tokens never depend on the others),
+        the rest one by one."""
+        tokens: list[int | None] = [None] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            req, s = r.handle.request, r.handle.request.settings
+            if r.recent is None and r.counts is None and s.top_p >= 1.0:
+                groups.setdefault((s.temperature, s.top_k, s.min_p), []).append(i)
+                continue
+            row = logits[i:i + 1]
+            if r.counts is not None:  # OpenAI's penalties, over this row's generated tokens
+                row = row - req.frequency_penalty * r.counts \
+                    - req.presence_penalty * (r.counts > 0).float()
+            tokens[i] = int(sample_next(row, s, r.gen, r.recent)[0])
+        for members in groups.values():
+            settings = rows[members[0]].handle.request.settings
+            picked = sample_rows(logits[members], settings, [rows[i].gen for i in members])
+            for i, token in zip(members, picked.tolist(), strict=True):
+                tokens[i] = token
+        return tokens
+
     def _needs_exact(self, r: _Row) -> bool:
         return r.handle.request.logprobs is not None or r.handle.request.settings.temperature == 0
 
-    def _advance(self, r: _Row, logits: torch.Tensor) -> None:
-        """Sample row r's next token, report it, and see whether the row is done."""
+    def _advance(self, r: _Row, token: int, logits: torch.Tensor) -> None:
+        """Report row r's next token (sampled from ``logits`` (1, V)) and see whether the
+        row is done."""
         handle, req = r.handle, r.handle.request
         s = req.settings
-        if handle.cancelled:
-            r.next_token = -1
-            return
-        raw = logits
-        if r.counts is not None:
-            logits = logits - req.frequency_penalty * r.counts \
-                - req.presence_penalty * (r.counts > 0).float()
-        with one_thread(logits.device.type == "cpu"):
-            token = int(sample_next(logits, s, r.gen, r.recent)[0])
         if r.recent is not None:
             r.recent = torch.cat([r.recent, torch.tensor([[token]], device=r.recent.device)],
                                  dim=1)[:, -REPETITION_WINDOW:]
@@ -366,7 +392,7 @@ class Scheduler:
             r.counts[token] += 1
         r.generated += 1
         handle.completion_tokens += 1
-        info = self._info(self._log_softmax(raw)[0], token, req.logprobs) \
+        info = self._info(self._log_softmax(logits)[0], token, req.logprobs) \
             if req.logprobs is not None else TokenInfo(token)
         reason = None
         if token == self.tokenizer.eot_id or token in req.stop_ids:
@@ -384,7 +410,6 @@ class Scheduler:
         if reason is None:
             r.next_token = token
             return
-        r.next_token = -1
         handle.emit(SampleFinished(r.sample, reason, r.generated))
         handle.rows_left -= 1
         if handle.rows_left == 0:

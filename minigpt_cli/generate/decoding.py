@@ -125,14 +125,26 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None,
+                draws: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of ``probs`` (..., V) by inverting the CDF; several times faster
-    than ``torch.multinomial`` on a 50k vocabulary. Zero-probability tokens never win."""
+    than ``torch.multinomial`` on a 50k vocabulary. Zero-probability tokens never win.
+    ``draws`` (..., 1), uniform in [0, 1), are used instead of drawing from ``generator``."""
     cdf = probs.cumsum(-1)
-    r = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device,
-                   dtype=cdf.dtype)
+    r = draws if draws is not None else torch.rand(
+        cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=cdf.dtype)
     u = (1.0 - r) * cdf[..., -1:]  # in (0, total]: the first index with cdf >= u has mass
     return torch.searchsorted(cdf, u).squeeze(-1)
+
+
+def filtered_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """The distribution sampling draws from: temperature, top-k, top-p and min-p applied
+    to (B, V) float logits (``temperature`` > 0)."""
+    logits = apply_temperature(logits, settings.temperature)
+    logits = top_k_filter(logits, settings.top_k)
+    logits = top_p_filter(logits, settings.top_p)
+    logits = min_p_filter(logits, settings.min_p)
+    return logits.softmax(-1)
 
 
 def sample_next(logits: torch.Tensor, settings: SamplingSettings,
@@ -144,8 +156,20 @@ def sample_next(logits: torch.Tensor, settings: SamplingSettings,
         logits = apply_repetition_penalty(logits, recent, settings.repetition_penalty)
     if settings.temperature == 0:
         return logits.argmax(-1)
-    logits = apply_temperature(logits, settings.temperature)
-    logits = top_k_filter(logits, settings.top_k)
-    logits = top_p_filter(logits, settings.top_p)
-    logits = min_p_filter(logits, settings.min_p)
-    return sample_from(logits.softmax(-1), generator)
+    return sample_from(filtered_probs(logits, settings), generator)
+
+
+def sample_rows(logits: torch.Tensor, settings: SamplingSettings,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """Next token of each row of ``logits`` (B, V), row b drawing from ``generators[b]``:
+    the tokens ``sample_next(logits[b:b+1], settings, generators[b])`` gives, computed
+    as one batch (requests decoded together, each with its own seed). Without top-p, whose
+    shortcut depends on every row of a batch, so that a row's token never depends on the
+    others."""
+    assert settings.top_p >= 1.0, "top-p rows are sampled one at a time"
+    logits = logits.float()
+    if settings.temperature == 0:
+        return logits.argmax(-1)
+    draws = torch.cat([torch.rand((1, 1), generator=g, device=logits.device)
+                       for g in generators])
+    return sample_from(filtered_probs(logits, settings), draws=draws)

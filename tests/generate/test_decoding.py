@@ -17,6 +17,7 @@ from minigpt_cli.generate.decoding import (
     min_p_filter,
     sample_from,
     sample_next,
+    sample_rows,
     top_k_filter,
     top_p_filter,
 )
@@ -102,6 +103,21 @@ def test_sample_next_combines_the_filters():
     penalised = sample_next(logits[:1], SamplingSettings(temperature=0, repetition_penalty=3.0),
                             recent=torch.tensor([[3]]))
     assert penalised.tolist() == [2]  # log 0.4 * 3 < log 0.3
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(temperature=0.8), SamplingSettings(temperature=1.3, top_k=50),
+    SamplingSettings(temperature=0.7, min_p=0.05), SamplingSettings(temperature=0)])
+def test_rows_sampled_together_get_the_tokens_each_gets_alone(settings):
+    # the server samples the rows of requests decoded together in one batch, each row with
+    # its request's generator: a row's tokens must not depend on its neighbours
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(1)) * 3
+    for step in range(20):
+        alone = [int(sample_next(logits[b:b + 1], settings,
+                                 torch.Generator().manual_seed(100 * step + b))[0])
+                 for b in range(6)]
+        gens = [torch.Generator().manual_seed(100 * step + b) for b in range(6)]
+        assert sample_rows(logits, settings, gens).tolist() == alone
 
 
 @pytest.mark.parametrize("field, value, flag", [
