@@ -23,6 +23,7 @@ SETTING_FLAGS = {
     "model": "--model", "out": "--out", "device": "--device", "format": "--format",
     "dtype": "--dtype", "quantize": "--quantize", "adapter_only": "--adapter-only",
     "max_batch": "--max-batch", "max_queue": "--max-queue", "queue_timeout": "--queue-timeout",
+    "stream_interval": "--stream-interval",
     "template": "--template", "host": "--host", "port": "--port",
 }
 

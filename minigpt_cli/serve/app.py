@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from collections import deque
 from dataclasses import dataclass
 from importlib import resources
 
@@ -31,6 +32,8 @@ from minigpt_cli.serve import api
 from minigpt_cli.serve.api import ApiError
 
 MAX_BODY = 1 << 20  # bytes in a request body
+WATCH_INTERVAL = 1.0  # seconds between checks that a client is still connected
+_GONE = object()  # the event that says the client went away
 EOS_TOKEN = "<|endoftext|>"  # how /tokenize and /tokenizer_info spell end-of-text
 STATIC = {  # the web page: a fixed set of files, so no path can reach anything else
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -49,6 +52,7 @@ class ServedModel:
     context: int
     max_batch: int
     template: Template = TEMPLATES["plain"]
+    stream_interval: float = 0.0  # seconds a stream waits after each chunk, letting tokens gather
 
 
 def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
@@ -184,67 +188,110 @@ def _static(name: str, media: str):
 # ---- running a generation ----------------------------------------------------------------------
 
 class _Calls:
-    """The scheduler requests of one API call, their events merged into one queue."""
+    """The scheduler requests of one API call, their events merged into one stream.
 
-    def __init__(self, served: ServedModel, gen: api.Generation):
+    The scheduler's thread appends every event to a buffer as it happens and wakes the
+    event loop only when it is not already due to look, so a loop that falls behind is not
+    woken once per token. The loop takes everything buffered at once, and after each lot
+    waits ``served.stream_interval`` seconds (the tokens sampled meanwhile go out together,
+    in one chunk per sample) before it looks again. A watcher polls, once a second, whether
+    the client is still there, and cancels the requests (freeing their rows before the
+    next step) when it is not. A stream also notices a hang-up when its next write fails.
+    """
+
+    def __init__(self, served: ServedModel, gen: api.Generation, request: Request):
         self.served, self.gen = served, gen
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.buffer: deque = deque()  # (call index, event), appended by the scheduler
+        self.due = False  # the loop has been asked to look at the buffer
+        self.arrived = asyncio.Event()
         self.handles = []
+        self.pending: list = []
         loop = asyncio.get_running_loop()
         try:
             for i, req in enumerate(gen.requests()):
                 def emit(event, i=i):
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+                    self.buffer.append((i, event))
+                    if not self.due:
+                        self.due = True
+                        loop.call_soon_threadsafe(self.arrived.set)
                 self.handles.append(served.scheduler.submit(req, emit))
         except QueueFull as e:
             self.cancel()
             raise ApiError(429, f"the server is busy: {e.message}", None,
                            "rate_limit_exceeded", kind="rate_limit_error",
                            headers={"Retry-After": "1"}) from None
+        self.watcher = loop.create_task(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        while not all(h.finished for h in self.handles):
+            if await request.is_disconnected():
+                self.cancel()
+                self.buffer.append((-1, _GONE))
+                self.arrived.set()
+                return
+            await asyncio.sleep(WATCH_INTERVAL)
 
     def cancel(self) -> None:
+        """Free the rows of every request not yet done, and stop watching."""
         for h in self.handles:
             if not h.finished:
                 self.served.scheduler.cancel(h)
+        if hasattr(self, "watcher") and asyncio.current_task() is not self.watcher:
+            self.watcher.cancel()
+
+    async def _take(self) -> list:
+        """Everything buffered, waiting for at least one event."""
+        while True:
+            self.due = False  # before taking: an event appended after this wakes the loop
+            self.arrived.clear()
+            taken = [self.buffer.popleft() for _ in range(len(self.buffer))]
+            if taken:
+                return taken
+            await self.arrived.wait()
 
     async def started(self) -> list[Started]:
         """Wait until every prompt is in the batch; a timeout or shutdown is an error."""
         firsts: dict[int, Started] = {}
-        self.pending: list = []
         while len(firsts) < len(self.handles):
-            i, event = await self.queue.get()
-            if isinstance(event, Failed):
-                self.cancel()
-                status = 503
-                raise ApiError(status, event.message, None, event.reason,
-                               kind="server_error", headers={"Retry-After": "1"})
-            if isinstance(event, Started):
-                firsts[i] = event
-            else:
-                self.pending.append((i, event))
+            for i, event in await self._take():
+                if event is _GONE:
+                    raise ApiError(499, "the client closed the connection", None,
+                                   "cancelled")
+                if isinstance(event, Failed):
+                    self.cancel()
+                    raise ApiError(503, event.message, None, event.reason,
+                                   kind="server_error", headers={"Retry-After": "1"})
+                if isinstance(event, Started):
+                    firsts[i] = event
+                else:
+                    self.pending.append((i, event))
         return [firsts[i] for i in range(len(self.handles))]
 
-    async def events(self, request: Request):
-        """The rest of the events, until every prompt is done; stops early when the client
-        goes away (its rows are freed before the next step)."""
-        for item in self.pending:
-            yield item
-        done = 0
-        while done < len(self.handles):
-            try:
-                i, event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.cancel()
-                    return
-                continue
-            if isinstance(event, Done | Failed):
-                done += 1
-            yield i, event
+    async def batches(self):
+        """The rest of the events, until every request is done, in lots of all that arrived
+        together; stops when the client goes away."""
+        batch, done = self.pending, 0
+        while True:
+            done += sum(isinstance(event, Done | Failed) for _, event in batch)
+            if batch:
+                yield batch
+            if done == len(self.handles):
+                return
+            if batch and self.served.stream_interval > 0:
+                await asyncio.sleep(self.served.stream_interval)
+            batch = await self._take()
+            if any(event is _GONE for _, event in batch):
+                return
+
+    async def events(self):
+        """The same events one by one."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
 
 async def _respond(served: ServedModel, request: Request, gen: api.Generation, chat: bool):
-    calls = _Calls(served, gen)
+    calls = _Calls(served, gen, request)
     try:
         starts = await calls.started()
     except BaseException:
@@ -253,14 +300,14 @@ async def _respond(served: ServedModel, request: Request, gen: api.Generation, c
     n = gen.settings.num_samples
     if gen.stream:
         stream = _chat_stream if chat else _completion_stream
-        return StreamingResponse(_guard(calls, stream(served, request, gen, calls, starts)),
+        return StreamingResponse(_guard(calls, stream(served, gen, calls, starts)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         texts = {}
         infos: dict[int, list] = {}
         finish, failed = {}, None
-        async for i, event in calls.events(request):
+        async for i, event in calls.events():
             if isinstance(event, Token):
                 k = i * n + event.sample
                 texts[k] = texts.get(k, "") + event.text
@@ -311,7 +358,7 @@ async def _guard(calls: _Calls, chunks):
         calls.cancel()
 
 
-async def _chat_stream(served, request, gen, calls: _Calls, starts):
+async def _chat_stream(served, gen, calls: _Calls, starts):
     n, tok = gen.settings.num_samples, served.tokenizer
     head = {"id": api.new_id("chatcmpl"), "object": "chat.completion.chunk",
             "created": api.now(), "model": served.model_id}
@@ -322,7 +369,7 @@ async def _chat_stream(served, request, gen, calls: _Calls, starts):
 
     for k in range(len(starts) * n):
         yield chunk(k, {"role": "assistant", "content": ""})
-    async for i, event in calls.events(request):
+    async for i, event in _coalesced(calls, gen):
         if isinstance(event, Token):
             lp = api.chat_logprobs(tok, [event.info]) if gen.logprobs is not None else None
             if event.text or lp:
@@ -336,7 +383,7 @@ async def _chat_stream(served, request, gen, calls: _Calls, starts):
         yield {**head, "choices": [], "usage": _usage(starts, calls)}
 
 
-async def _completion_stream(served, request, gen, calls: _Calls, starts):
+async def _completion_stream(served, gen, calls: _Calls, starts):
     n, tok = gen.settings.num_samples, served.tokenizer
     head = {"id": api.new_id("cmpl"), "object": "text_completion", "created": api.now(),
             "model": served.model_id}
@@ -350,7 +397,7 @@ async def _completion_stream(served, request, gen, calls: _Calls, starts):
             infos = starts[k // n].prompt
             yield chunk(k, tok.decode(gen.prompts[k // n]), logprobs=api.completion_logprobs(
                 tok, infos) if gen.logprobs is not None else None)
-    async for i, event in calls.events(request):
+    async for i, event in _coalesced(calls, gen):
         if isinstance(event, Token):
             lp = api.completion_logprobs(tok, [event.info]) \
                 if gen.logprobs is not None else None
@@ -363,6 +410,33 @@ async def _completion_stream(served, request, gen, calls: _Calls, starts):
             return
     if gen.include_usage:
         yield {**head, "choices": [], "usage": _usage(starts, calls)}
+
+
+async def _coalesced(calls: _Calls, gen: api.Generation):
+    """The events of a stream, where a sample's tokens that arrived together are joined
+    into one: a client (or the event loop) that falls behind the decoder catches up with
+    one chunk instead of one per token. Tokens are reported one by one when their
+    log-probabilities are asked for. Each sample's events keep their order."""
+    async for batch in calls.batches():
+        if gen.logprobs is not None or len(batch) == 1:
+            for item in batch:
+                yield item
+            continue
+        merged, open_tokens = [], {}  # (call, sample) -> where its latest Token is in merged
+        for i, event in batch:
+            key = (i, getattr(event, "sample", None))
+            if isinstance(event, Token):
+                j = open_tokens.get(key)
+                if j is not None:
+                    first = merged[j][1]
+                    merged[j] = (i, Token(first.sample, first.info, first.text + event.text))
+                    continue
+                open_tokens[key] = len(merged)
+            else:
+                open_tokens.pop(key, None)
+            merged.append((i, event))
+        for item in merged:
+            yield item
 
 
 def _failure(event: Failed) -> dict:

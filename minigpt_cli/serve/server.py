@@ -8,6 +8,11 @@ from pathlib import Path
 
 from minigpt_cli.errors import MiniGPTError
 
+# Seconds a stream waits after sending a chunk, so the tokens sampled meanwhile go out
+# together: 50 updates a second look continuous, and the event loop (which shares the
+# CPU and Python's lock with decoding) wakes 50 times a second instead of once per token.
+STREAM_INTERVAL = 0.02
+
 
 class Terminated(Exception):
     """SIGTERM arrived: the server stopped accepting, finished or cancelled its streams and
@@ -45,7 +50,7 @@ def check_address(host: str, port: int) -> None:
 
 def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
           queue_timeout: float, template: str | None, api_key: str | None,
-          quantize: str = "none"):
+          quantize: str = "none", stream_interval: float = STREAM_INTERVAL):
     """The FastAPI app for a run, with its scheduler started; returns (app, served)."""
     from minigpt_cli.chat.template import template_for_run
     from minigpt_cli.device import configure_backends, select_device
@@ -60,6 +65,9 @@ def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
     if not queue_timeout > 0:
         raise MiniGPTError(f"queue_timeout must be > 0, got {queue_timeout}",
                            setting="queue_timeout")
+    if not 0 <= stream_interval <= 1:
+        raise MiniGPTError(f"stream_interval must be between 0 and 1 second, got "
+                           f"{stream_interval}", setting="stream_interval")
     from minigpt_cli.generate.quant import check_quantize, quantize_model
 
     dev = select_device(device)
@@ -74,7 +82,8 @@ def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
     loss = run.state.get("best_val_loss")
     served = ServedModel(scheduler, run.tokenizer, run.run_dir.name, run.state.get("step"),
                          loss if isinstance(loss, int | float) else None,
-                         run.model.config.max_seq_length, max_batch, chat_template)
+                         run.model.config.max_seq_length, max_batch, chat_template,
+                         stream_interval)
     return create_app(served, api_key), served
 
 

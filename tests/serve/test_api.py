@@ -152,6 +152,20 @@ def test_tokenizer_endpoints(server, byte_tok):
     assert r["prompt"] == "yo"
 
 
+def test_a_client_that_gives_up_on_a_reply_frees_its_slot(server):
+    # not streamed: nothing is written until the end, so the server has to notice the
+    # hang-up by itself
+    body = {"prompt": "a", "max_tokens": 100_000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers,
+                   timeout=httpx.Timeout(5, read=0.5))
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health").json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "active": 0,
+                                                        "queued": 0}
+
+
 def test_a_client_that_disconnects_frees_its_slot(server):
     # greedy: this model never says end-of-text here, so only the hang-up ends the stream
     body = {"prompt": "a", "max_tokens": 100_000, "stream": True, "temperature": 0}

@@ -42,6 +42,9 @@ def serve(
     template: Annotated[str | None, typer.Option(
         help="Chat template for /v1/chat/completions (plain, chat, chatml, minigpt). "
              "Default: the one the run was fine-tuned with, else plain.")] = None,
+    stream_interval: Annotated[float, typer.Option(
+        "--stream-interval", help="Seconds a stream waits after each chunk, so that the "
+        "tokens sampled meanwhile go out together; 0 sends every token alone.")] = 0.02,
     quantize: Quantize = "none",
     device: Device = "auto",
 ) -> None:
@@ -55,7 +58,7 @@ def serve(
     check_serve_deps()
     check_address(host, port)
     app, served = build(model, device, max_batch, max_queue, queue_timeout, template,
-                        api_key or None, quantize)
+                        api_key or None, quantize, stream_interval)
     if host in ("0.0.0.0", "::") and not api_key:
         ui.warn(f"listening on every interface ({host}) without --api-key: anyone who can "
                 "reach this machine can use the model")
