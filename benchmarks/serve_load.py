@@ -4,11 +4,18 @@ Builds a run of the ``small`` preset's model (random weights; GPT-2's tokenizer 
 ../shared when it is there, else bytes), starts ``minigpt serve`` on it, and for each level
 of concurrency prints aggregate tokens/s, per-stream tokens/s and p50/p95 time to first
 token. ``minigpt generate``'s single-stream speed on the same run is measured in the same
-run as the baseline. Targets: 8 streams' aggregate >= 3x one stream's, and one stream no
-slower than ``generate``. Other processes on the machine make the figures noisy: the load
-average is printed with them.
+run as the baseline (its engine warmed up in this process, the best of three calls; each
+level below is likewise the best of ``--rounds``). Targets: 8 streams' aggregate >= 3x one
+stream's, and one stream no slower than ``generate``.
+
+The clients share the machine with the server. By default they read the streams over bare
+sockets and parse only the final usage event, so they cost the server's CPU next to
+nothing, as clients on other machines would; ``--client httpx`` parses every event with
+httpx instead (about 0.2-0.5 ms of CPU per token on a 2-core machine). Other processes on
+the machine make the figures noisy: the CPU and the load average are printed with them.
 
 Usage: python benchmarks/serve_load.py [--preset small] [--tokens 200] [--max-batch 16]
+       [--rounds 3] [--client raw|httpx]
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+import machine  # benchmarks/machine.py, beside this script
 
 
 def make_run(root: Path, preset: str) -> Path:
@@ -81,6 +89,7 @@ def generate_speed(run: Path, tokens: int) -> float:
 
 
 async def one_stream(client: httpx.AsyncClient, tokens: int, i: int) -> tuple[float, float, int]:
+    """One streaming completion through httpx: (time to first token, seconds, tokens)."""
     body = {"prompt": f"Once upon a time {i}", "max_tokens": tokens, "temperature": 0.8,
             "seed": i, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -98,11 +107,43 @@ async def one_stream(client: httpx.AsyncClient, tokens: int, i: int) -> tuple[fl
     return ttft or 0.0, time.perf_counter() - t0, n
 
 
-async def level(url: str, clients: int, tokens: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, tokens, i) for i in range(clients)))
-        wall = time.perf_counter() - t0
+async def one_raw_stream(url: str, tokens: int, i: int) -> tuple[float, float, int]:
+    """The same request over a bare socket, reading the bytes as they come and parsing only
+    the final usage event: a client that costs the shared CPU almost nothing, as one on
+    another machine would."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": f"Once upon a time {i}", "max_tokens": tokens,
+                       "temperature": 0.8, "seed": i, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                 % (host.encode(), len(body), body))
+    status = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0]
+    if b" 200 " not in status:
+        raise RuntimeError(f"stream {i}: {status.decode()}")
+    ttft, parts = None, []
+    while data := await reader.read(1 << 16):
+        if ttft is None and b'"choices": [{' in data:
+            ttft = time.perf_counter() - t0
+        parts.append(data)
+    elapsed = time.perf_counter() - t0
+    writer.close()
+    usage = next(line for line in b"".join(parts).split(b"\n")
+                 if line.startswith(b"data: {") and b'"usage"' in line)
+    return ttft or 0.0, elapsed, json.loads(usage[6:])["usage"]["completion_tokens"]
+
+
+async def level(url: str, clients: int, tokens: int, raw: bool = True) -> dict:
+    t0 = time.perf_counter()
+    if raw:
+        results = await asyncio.gather(*(one_raw_stream(url, tokens, i) for i in range(clients)))
+    else:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            results = await asyncio.gather(*(one_stream(client, tokens, i)
+                                             for i in range(clients)))
+    wall = time.perf_counter() - t0
     ttfts = sorted(r[0] for r in results)
     total = sum(r[2] for r in results)
     return {"clients": clients, "aggregate": total / wall,
@@ -117,7 +158,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--levels", default="1,4,8,16")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each level; the best counts")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="raw: a bare-socket client that costs the shared CPU almost nothing "
+                         "(default); httpx: parse every event, as a Python client does")
+    ap.add_argument("--stream-interval", type=float, default=None,
+                    help="the server's --stream-interval (default: its own default)")
     args = ap.parse_args()
+    extra = [] if args.stream_interval is None else ["--stream-interval",
+                                                     str(args.stream_interval)]
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp), args.preset)
         with socket.socket() as s:
@@ -125,7 +174,7 @@ def main() -> None:
             port = s.getsockname()[1]
         server = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "serve", "--model",
                                    str(run), "--port", str(port), "--device", "cpu",
-                                   "--max-batch", str(args.max_batch)],
+                                   "--max-batch", str(args.max_batch), *extra],
                                   stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -136,15 +185,18 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.1)
             asyncio.run(level(url, 1, 16))  # warm-up
-            print(f"{args.preset} preset, {args.tokens} tokens per stream, "
-                  f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
+            print(f"{args.preset} preset, {args.tokens} tokens per stream, {args.client} "
+                  f"clients, best of {args.rounds} rounds, load average {machine.load()}"
+                  + (f", --stream-interval {args.stream_interval}" if extra else ""))
+            print(f"CPU: {machine.cpu()}")
             cli = generate_speed(run, args.tokens)
             base = engine_speed(run, args.tokens)
             print(f"minigpt generate (one stream): {cli:.1f} tokens/s as a fresh process, "
                   f"{base:.1f} tokens/s warmed up (its engine, in process)")
             rows = []
             for n in (int(x) for x in args.levels.split(",")):
-                row = asyncio.run(level(url, n, args.tokens))
+                row = max((asyncio.run(level(url, n, args.tokens, args.client == "raw"))
+                           for _ in range(args.rounds)), key=lambda r: r["aggregate"])
                 rows.append(row)
                 print(f"{n:3d} streams: aggregate {row['aggregate']:7.1f} tokens/s, per stream "
                       f"{row['per_stream']:6.1f} tokens/s, TTFT p50 {row['p50_ttft'] * 1000:6.0f}"
