@@ -29,7 +29,7 @@ SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR",
 TEXT = SHARED / "data" / "tinyshakespeare" / "input.txt"
 RANKS = SHARED / "tokenizers" / "gpt2.tiktoken"
 
-# One shape for all (the shakespeare-char preset's: 4 layers, 128 wide, 4 heads, context
+# One shape for all (nanoGPT's CPU recipe's: 4 layers, 128 wide, 4 heads, context
 # 64, no biases); only the architecture changes.
 SHAPE = ["model.num_layers=4", "model.embed_dim=128", "model.num_heads=4",
          "model.max_seq_length=64", "model.dropout=0.0", "model.bias=false",

@@ -5,6 +5,10 @@ scored by ``minigpt eval`` (the whole validation split, non-overlapping windows)
     python benchmarks/shakespeare_char.py            # both
     python benchmarks/shakespeare_char.py --only preset
     python benchmarks/shakespeare_char.py --only preset --preset shakespeare-char-5min
+    python benchmarks/shakespeare_char.py --set train.precision=fp32   # as an AVX2-only CPU
+
+The recipe is nanoGPT's own, run by ``minigpt train`` (nanoGPT's train.py itself is not a
+dependency); its figures on the same CPU are in the README for comparison.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine  # benchmarks/machine.py, beside this script
 
 SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR",
                              Path(__file__).resolve().parents[2] / "shared"))
@@ -59,6 +65,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=("recipe", "preset"))
     p.add_argument("--preset", default="shakespeare-char", help="the preset to time")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for the preset's run (repeatable)")
     args = p.parse_args()
     if not TEXT.is_file():
         sys.exit(f"tinyshakespeare not found at {TEXT} (set MINIGPT_SHARED_DIR)")
@@ -72,7 +80,9 @@ def main() -> None:
         if args.only != "preset":
             rows.append(trial("nanogpt-cpu-recipe", ["--preset", "tiny", *NANOGPT_CPU], cwd))
         if args.only != "recipe":
-            rows.append(trial(args.preset, ["--preset", args.preset], cwd))
+            overrides = [x for item in args.set for x in ("--set", item)]
+            rows.append(trial(args.preset, ["--preset", args.preset, *overrides], cwd))
+        print(f"CPU: {machine.cpu()}; load average {machine.load()}")
         print(f"token cache: {env_cache}")
         print(f"{'run':<22}{'wall s':>8}{'val loss':>10}")
         for r in rows:
