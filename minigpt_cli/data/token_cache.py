@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -103,7 +104,8 @@ def check_length(arr: TokenArray, seq_len: int, split: str) -> None:
             "use a smaller model.max_seq_length or more data")
 
 
-ENCODE_GROUP = 4  # source chunks (about 2 MB each) per encode_batch call
+ENCODE_THREADS = max(1, min(8, os.cpu_count() or 1))  # pieces encoded at once
+IN_FLIGHT = 2 * ENCODE_THREADS  # pieces (about 2 MB each) encoding or waiting to be written
 MAX_CARRY = 8 << 20  # text held back while looking for a safe cut, before cutting anyway
 
 # Every whitespace character of str.split(); outside ASCII: for the slow exact path
@@ -167,46 +169,46 @@ def _encode_into(f: Any, chunks: Iterator[str], tokenizer: Any, dtype: np.dtype,
     """Encode ``chunks`` into the open file ``f``; return the text statistics.
 
     The text is re-cut at safe boundaries (``safe_pieces``), so the ids are those of the
-    text in one piece. Pieces go to the tokenizer's ``encode_batch`` (threads of its own:
-    tiktoken's, SentencePiece's) a group at a time, in a worker thread, while this thread
-    counts the next group's bytes, words and lines and writes the previous group's ids.
+    text in one piece. Each piece goes to the tokenizer's ``encode_arrays`` in a pool of
+    threads, one per CPU (tiktoken and SentencePiece release the GIL while they encode),
+    while this thread counts the next pieces' bytes, words and lines and writes the ids
+    of the oldest, in order.
     """
-    batch_encode = getattr(tokenizer, "encode_batch", None)
-    group_size = ENCODE_GROUP if callable(batch_encode) else 1
+    encode_arrays = getattr(tokenizer, "encode_arrays", None)
 
-    def encode(texts: list[str]) -> list[np.ndarray]:
-        ids = batch_encode(texts) if group_size > 1 else [tokenizer.encode(texts[0])]
-        return [np.asarray(x, dtype=dtype) for x in ids]
+    def encode(text: str) -> np.ndarray:
+        ids = encode_arrays([text])[0] if callable(encode_arrays) else tokenizer.encode(text)
+        return np.asarray(ids).astype(dtype, copy=False)
 
     n_tokens = n_bytes = n_words = n_lines = 0
     last_char = ""
-    in_flight: deque = deque()  # (future of a group's ids, bytes of text up to its end)
+    in_flight: deque = deque()  # (future of a piece's ids, bytes of text up to its end)
 
     def write_oldest() -> None:
         nonlocal n_tokens
         future, done = in_flight.popleft()
-        for arr in future.result():
-            f.write(arr.tobytes())
-            n_tokens += len(arr)
+        arr = future.result()
+        f.write(arr.tobytes())
+        n_tokens += len(arr)
         if progress is not None:
             progress(done, max(total, done) if total else 0)
 
     if progress is not None:
         progress(0, total)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt-encode") as pool:
+    with ThreadPoolExecutor(max_workers=ENCODE_THREADS,
+                            thread_name_prefix="minigpt-encode") as pool:
         try:
-            for group in _groups(safe_pieces(c for c in chunks if c), group_size):
-                future = pool.submit(encode, group)
-                for piece in group:  # while the group encodes
-                    data = piece.encode("utf-8")
-                    n_bytes += len(data)
-                    n_lines += piece.count("\n")
-                    n_words += _count_words(piece, data)
-                    if last_char and not last_char.isspace() and not piece[0].isspace():
-                        n_words -= 1  # a word cut by the boundary was counted twice
-                    last_char = piece[-1]
-                in_flight.append((future, n_bytes))
-                if len(in_flight) > 1:
+            for piece in safe_pieces(c for c in chunks if c):
+                in_flight.append((pool.submit(encode, piece), None))
+                data = piece.encode("utf-8")  # while it encodes
+                n_bytes += len(data)
+                n_lines += piece.count("\n")
+                n_words += _count_words(piece, data)
+                if last_char and not last_char.isspace() and not piece[0].isspace():
+                    n_words -= 1  # a word cut by the boundary was counted twice
+                last_char = piece[-1]
+                in_flight[-1] = (in_flight[-1][0], n_bytes)
+                if len(in_flight) > IN_FLIGHT:
                     write_oldest()
             while in_flight:
                 write_oldest()
@@ -217,17 +219,6 @@ def _encode_into(f: Any, chunks: Iterator[str], tokenizer: Any, dtype: np.dtype,
         n_lines += 1
     return {"num_tokens": n_tokens, "num_bytes": n_bytes, "num_words": n_words,
             "num_lines": n_lines}
-
-
-def _groups(pieces: Iterable[str], size: int) -> Iterator[list[str]]:
-    group: list[str] = []
-    for piece in pieces:
-        group.append(piece)
-        if len(group) >= size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def _load_entry(bin_path: Path, meta_path: Path, dtype: np.dtype) -> TokenArray | None:

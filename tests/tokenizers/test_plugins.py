@@ -129,8 +129,11 @@ def test_decode_bytes_streams_like_decode(tok, shakespeare):
 
 
 def test_encode_batch_matches_encode(tok, wikitext):
-    texts = [wikitext[:5000], "", SAMPLES[3], wikitext[5000:9000]]
+    texts = [wikitext[:5000], "", SAMPLES[3], wikitext[5000:9000], "a <|endoftext|> b"]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    arrays = tok.encode_arrays(texts)
+    assert all(a.dtype.kind in "iu" for a in arrays)
+    assert [a.tolist() for a in arrays] == [tok.encode(t) for t in texts]
 
 
 # ---- save / load / fingerprint ---------------------------------------------------------

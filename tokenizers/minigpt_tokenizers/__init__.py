@@ -84,6 +84,13 @@ class Tokenizer(ABC):
         """Encode several texts; plugins override this when they can do it in parallel."""
         return [self.encode(text) for text in texts]
 
+    def encode_arrays(self, texts: list[str]) -> list:
+        """``encode_batch`` as NumPy integer arrays, for encoding large corpora: plugins
+        override it to skip building a Python int per token."""
+        import numpy as np
+
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
     def add_special_tokens(self, tokens: Iterable[str]) -> list[int]:
         """Give each of ``tokens`` an id after the existing ones (a token already there
         keeps its id); return their ids in order. Plain text never encodes to them."""
