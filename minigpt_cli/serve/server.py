@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 from pathlib import Path
 
 from minigpt_cli.errors import MiniGPTError
@@ -78,7 +79,7 @@ def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
     chat_template.check_tokenizer(run.tokenizer)
     quantize_model(run.model, quantize)
     scheduler = Scheduler(run.model, run.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                          queue_timeout=queue_timeout)
+                          queue_timeout=queue_timeout, start=False)  # ``serve`` runs it
     loss = run.state.get("best_val_loss")
     served = ServedModel(scheduler, run.tokenizer, run.run_dir.name, run.state.get("step"),
                          loss if isinstance(loss, int | float) else None,
@@ -90,20 +91,46 @@ def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
 def serve(app, served, host: str, port: int, graceful_seconds: float = 5.0) -> None:
     """Serve until Ctrl-C (KeyboardInterrupt) or SIGTERM (``Terminated``).
 
-    uvicorn handles both signals itself: it stops accepting connections, gives open streams
-    ``graceful_seconds`` to finish and then cancels them (their rows are freed), and only
-    then raises the signal again, which reaches the handlers installed here.
+    The model decodes in this thread, the main one (the scheduler's ``run``): PyTorch's CPU
+    kernels are faster in the thread that loaded the model. uvicorn serves HTTP in a thread
+    of its own. The first Ctrl-C or SIGTERM makes uvicorn stop accepting connections, give
+    open streams ``graceful_seconds`` to finish (decoding goes on meanwhile) and cancel the
+    rest, their rows freed; then decoding stops and the signal is raised here. A second
+    signal cuts the wait short.
     """
     import uvicorn
 
-    def on_term(signum, frame):
-        raise Terminated()
-
-    old = signal.signal(signal.SIGTERM, on_term)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=graceful_seconds, access_log=False)
+    server = uvicorn.Server(config)  # in a thread that is not the main one: no signals
+    received: list[int] = []
+    failed: list[BaseException] = []
+
+    def on_signal(signum, frame):
+        if received:
+            server.force_exit = True
+        received.append(signum)
+        server.should_exit = True
+
+    def http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # SystemExit(1) when it cannot listen after all (a race)
+            failed.append(e)
+        finally:
+            served.scheduler.close()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="minigpt-http")
     try:
-        uvicorn.Server(config).run()
+        thread.start()
+        served.scheduler.run()
     finally:
-        served.scheduler.close()
-        signal.signal(signal.SIGTERM, old)
+        server.should_exit = True
+        thread.join()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if failed:
+        raise failed[0]
+    if received:
+        raise KeyboardInterrupt if received[0] == signal.SIGINT else Terminated()
