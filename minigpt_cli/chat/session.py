@@ -120,7 +120,9 @@ class ChatSession:
         strip = self.template.name == "chat"  # the reply follows "Assistant:" and a space
         try:
             stop_ids = self.template.stop_ids(self.engine.tokenizer)
-            for event in self.engine.generate(prompt.ids, settings, stop_ids):
+            # a reply: stops count after its first visible character (a base model may
+            # open with the blank line that ends a plain reply)
+            for event in self.engine.generate(prompt.ids, settings, stop_ids, reply=True):
                 if isinstance(event, TextDelta):
                     text = event.text.lstrip() if strip and not parts else event.text
                     if text:

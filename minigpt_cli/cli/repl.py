@@ -45,8 +45,10 @@ def _show_reply(session: ChatSession, message: str, console: Console, safe) -> N
             if isinstance(piece, Notice):
                 _note(console, piece.message, ok=False)
             else:
-                console.out(safe(piece), end="")
-                shown = True
+                text = piece if shown else piece.lstrip()  # no blank line before a reply
+                if text:
+                    console.out(safe(text), end="")
+                    shown = True
         if shown:
             console.out("")
         else:  # e.g. the model went straight to the next "User:"

@@ -51,6 +51,7 @@ class BatchRequest:
     frequency_penalty: float = 0.0  # OpenAI's: logit -= f * count + p * (count > 0)
     presence_penalty: float = 0.0
     stop_ids: tuple[int, ...] = ()  # besides end-of-text: a chat template's end of turn
+    reply: bool = False  # a chat reply: no leading whitespace, stops count after it
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class _Row:
                  device):
         s = handle.request.settings
         self.handle, self.sample, self.length = handle, sample, length
-        self.text = _Sample(tokenizer, s.stop)
+        self.text = _Sample(tokenizer, s.stop, handle.request.reply)
         self.gen = torch.Generator(device=device).manual_seed(seed + sample)
         self.next_token = -1
         self.generated = 0

@@ -76,9 +76,9 @@ Event = Notice | TextDelta | SampleFinished | GenerationResult
 class _Sample:
     """One row of the batch: its tokens, text so far and stopping state."""
 
-    def __init__(self, tokenizer, stops: Sequence[str]):
+    def __init__(self, tokenizer, stops: Sequence[str], reply: bool = False):
         self.stream = TextStream(tokenizer)
-        self.stop = StopFilter(stops)
+        self.stop = StopFilter(stops, reply)
         self.tokens: list[int] = []
         self.parts: list[str] = []
         self.finish_reason: str | None = None
@@ -127,9 +127,10 @@ class Engine:
         return ids or [self.tokenizer.eot_id]  # nothing to continue: start a new document
 
     def generate(self, prompt: str | Sequence[int], settings: SamplingSettings,
-                 stop_ids: Sequence[int] = ()) -> Iterator[Event]:
+                 stop_ids: Sequence[int] = (), reply: bool = False) -> Iterator[Event]:
         """Stream events for ``prompt``; a sample ends at end-of-text or any of ``stop_ids``
-        (a chat template's end of turn), which are not part of its text."""
+        (a chat template's end of turn), which are not part of its text. ``reply``: the
+        samples are chat replies (see ``StopFilter``)."""
         settings.validate()
         t0 = time.perf_counter()
         ids = self.encode_prompt(prompt)
@@ -147,7 +148,7 @@ class Engine:
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         lm = CachedLM(self.model, B, head=self._head_for(settings))
-        samples = [_Sample(self.tokenizer, settings.stop) for _ in range(B)]
+        samples = [_Sample(self.tokenizer, settings.stop, reply) for _ in range(B)]
         with torch.inference_mode():
             prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
             # the most recent tokens of every row, for the repetition penalty

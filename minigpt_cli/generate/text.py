@@ -62,18 +62,26 @@ class TextStream:
 
 
 class StopFilter:
-    """Cuts text at the first stop string; holds back text that could begin one."""
+    """Cuts text at the first stop string; holds back text that could begin one.
 
-    def __init__(self, stops: Iterable[str]):
+    With ``reply`` (a chat reply), a stop made of whitespace only counts after the reply's
+    first visible character: a base model that opens its reply with the blank line that
+    the plain template's ``"\n\n"`` stands for still gets to say something, while a model
+    that goes straight to ``"\nUser:"`` still gives an empty reply.
+    """
+
+    def __init__(self, stops: Iterable[str], reply: bool = False):
         self.stops = [s for s in stops if s]
         self._pending = ""
+        self._reply = reply
+        self._seen_text = False  # visible text was released
 
     def push(self, text: str) -> tuple[str, bool]:
         """Text safe to release, and whether a stop string was found (it is not released)."""
         if not self.stops:
             return text, False
         pending = self._pending + text
-        hits = [i for i in (pending.find(s) for s in self.stops) if i >= 0]
+        hits = [i for i in (self._find(pending, s) for s in self.stops) if i >= 0]
         if hits:
             self._pending = ""
             return pending[:min(hits)], True
@@ -84,7 +92,16 @@ class StopFilter:
                     hold = n
                     break
         self._pending = pending[len(pending) - hold:]
-        return pending[:len(pending) - hold], False
+        out = pending[:len(pending) - hold]
+        self._seen_text = self._seen_text or bool(out.strip())
+        return out, False
+
+    def _find(self, pending: str, stop: str) -> int:
+        i = pending.find(stop)
+        if self._reply and not self._seen_text and not stop.strip():
+            while i >= 0 and not pending[:i].strip():  # still before the reply's text
+                i = pending.find(stop, i + 1)
+        return i
 
     def flush(self) -> str:
         out, self._pending = self._pending, ""

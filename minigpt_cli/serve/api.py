@@ -86,10 +86,12 @@ class Generation:
     presence_penalty: float = 0.0
     prompt_texts: list[str] = field(default_factory=list)
     stop_ids: tuple[int, ...] = ()
+    reply: bool = False  # chat: replies, see StopFilter
 
     def requests(self) -> list[BatchRequest]:
         return [BatchRequest(p, self.settings, self.logprobs, self.echo,
-                             self.frequency_penalty, self.presence_penalty, self.stop_ids)
+                             self.frequency_penalty, self.presence_penalty, self.stop_ids,
+                             self.reply)
                 for p in self.prompts]
 
 
@@ -233,7 +235,8 @@ def parse_chat(body: dict, tokenizer, context: int, max_batch: int,
     logprobs = None
     if _bool(body, "logprobs"):
         logprobs = _number(body, "top_logprobs", 0, 0, 20, integer=True)
-    return Generation([ids], settings, logprobs=logprobs, stop_ids=stop_ids, **extra)
+    return Generation([ids], settings, logprobs=logprobs, stop_ids=stop_ids, reply=True,
+                      **extra)
 
 
 # ---- responses -----------------------------------------------------------------------------

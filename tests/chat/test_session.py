@@ -39,6 +39,14 @@ def test_plain_template_stops_at_a_blank_line(scripted_reply, chat_session):
     assert s.reply("He") == " went home.\nThe end."
 
 
+def test_a_plain_reply_may_open_with_a_blank_line(scripted_reply, chat_session):
+    # a base model continues a sentence with the blank line after it: that is not the end
+    # of its reply yet (before, every such reply came out empty)
+    scripted_reply("\n\nReturn the value.\n\nNext story")
+    s = chat_session(template="plain", max_new_tokens=60)
+    assert s.reply("Tell me about it.") == "\n\nReturn the value."
+
+
 def test_a_stopped_reply_keeps_what_was_shown(scripted_reply, chat_session):
     scripted_reply("abcdefgh")
     s = chat_session(max_new_tokens=60)

@@ -167,3 +167,22 @@ def test_stop_filter_holds_back_a_possible_start():
     assert f.push("\nrest") == ("", True)
     g = StopFilter(["ab", "b"])
     assert g.push("xab") == ("x", True)  # the earliest stop string wins
+
+
+@pytest.mark.parametrize("pieces, expected", [
+    (["\n\nThe ", "end.\n\nMore"], ("\n\nThe end.", True)),  # a blank stop before the text
+    (["\n", "\n", "Hi\n", "\nthere"], ("\n\nHi", True)),
+    (["\nUser: hi"], ("", True)),  # a visible stop counts from the start
+    ([" \n", "\n"], (" \n\n", False)),  # nothing visible yet: no stop
+])
+def test_a_reply_stops_at_a_blank_stop_only_after_its_text(pieces, expected):
+    f = StopFilter(["\n\n", "\nUser:"], reply=True)
+    out, stopped = "", False
+    for p in pieces:
+        text, stopped = f.push(p)
+        out += text
+        if stopped:
+            break
+    assert (out + ("" if stopped else f.flush()), stopped) == expected
+    plain = StopFilter(["\n\n"])  # not a reply: a stop is a stop wherever it is
+    assert plain.push("\n\nThe end.") == ("", True)

@@ -115,7 +115,7 @@ def generate(
                        or not sys.stdin.isatty()):
         ui.warn("the prompt is empty: generating from the start of a new document "
                 "(end-of-text)")
-    events = engine.generate(prompt_ids, settings, stop_ids)
+    events = engine.generate(prompt_ids, settings, stop_ids, reply=chat)
     if json_out:
         result = None
         for event in events:

@@ -83,6 +83,7 @@ async function send(text) {
   busy(true);
   $("status").textContent = "generating…";
   let reason = null;
+  let replyText = "";  // as the model wrote it: the next request sends it back unchanged
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
@@ -113,7 +114,10 @@ async function send(text) {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         for (const choice of chunk.choices) {
-          if (choice.delta && choice.delta.content) out.textContent += choice.delta.content;
+          if (choice.delta && choice.delta.content) {
+            replyText += choice.delta.content;
+            out.textContent = replyText.trimStart();  // shown without a leading blank line
+          }
           if (choice.finish_reason) reason = choice.finish_reason;
         }
         conversation.scrollTop = conversation.scrollHeight;
@@ -130,7 +134,7 @@ async function send(text) {
   } finally {
     controller = null;
     busy(false);
-    history.push({ role: "assistant", content: out.textContent });
+    history.push({ role: "assistant", content: replyText });
     addCopy(reply);
     input.focus();
   }
