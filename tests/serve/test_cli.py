@@ -10,6 +10,7 @@ import pytest
     (["--max-batch", "0"], "--max-batch"),
     (["--template", "fancy"], "--template"),
     (["--queue-timeout", "0"], "--queue-timeout"),
+    (["--stream-interval", "2"], "--stream-interval"),
     (["--port", "70000"], "--port"),
 ])
 def test_bad_options_are_one_line_errors(cli, serve_run, args, needle):
