@@ -199,7 +199,7 @@ def _encode_into(f: Any, chunks: Iterator[str], tokenizer: Any, dtype: np.dtype,
                             thread_name_prefix="minigpt-encode") as pool:
         try:
             for piece in safe_pieces(c for c in chunks if c):
-                in_flight.append((pool.submit(encode, piece), None))
+                future = pool.submit(encode, piece)
                 data = piece.encode("utf-8")  # while it encodes
                 n_bytes += len(data)
                 n_lines += piece.count("\n")
@@ -207,7 +207,7 @@ def _encode_into(f: Any, chunks: Iterator[str], tokenizer: Any, dtype: np.dtype,
                 if last_char and not last_char.isspace() and not piece[0].isspace():
                     n_words -= 1  # a word cut by the boundary was counted twice
                 last_char = piece[-1]
-                in_flight[-1] = (in_flight[-1][0], n_bytes)
+                in_flight.append((future, n_bytes))
                 if len(in_flight) > IN_FLIGHT:
                     write_oldest()
             while in_flight:

@@ -51,7 +51,7 @@ class BatchRequest:
     frequency_penalty: float = 0.0  # OpenAI's: logit -= f * count + p * (count > 0)
     presence_penalty: float = 0.0
     stop_ids: tuple[int, ...] = ()  # besides end-of-text: a chat template's end of turn
-    reply: bool = False  # a chat reply: no leading whitespace, stops count after it
+    reply: bool = False  # a chat reply: whitespace-only stops count after its first text
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,7 @@ class _Calls:
         self.arrived = asyncio.Event()
         self.handles = []
         self.pending: list = []
+        self.watcher: asyncio.Task | None = None
         loop = asyncio.get_running_loop()
         try:
             for i, req in enumerate(gen.requests()):
@@ -236,7 +237,7 @@ class _Calls:
         for h in self.handles:
             if not h.finished:
                 self.served.scheduler.cancel(h)
-        if hasattr(self, "watcher") and asyncio.current_task() is not self.watcher:
+        if self.watcher is not None and asyncio.current_task() is not self.watcher:
             self.watcher.cancel()
 
     async def _take(self) -> list:
