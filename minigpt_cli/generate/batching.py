@@ -355,9 +355,10 @@ class Scheduler:
                 0, torch.tensor(exact, device=x.device), exact_logits)
         logits = logits[:, :self.vocab]
         live = [i for i, r in enumerate(rows) if not r.handle.cancelled]
-        # a few passes over a few rows of logits: one thread, switched once for all rows
-        with one_thread(logits.device.type == "cpu"):
-            tokens = self._draw([rows[i] for i in live], logits[live])
+        # a few passes over one row of logits: one thread; over several, all threads
+        with one_thread(logits.device.type == "cpu" and len(live) <= 1):
+            tokens = self._draw([rows[i] for i in live],
+                                logits if len(live) == len(rows) else logits[live])
         for r in rows:
             r.next_token = -1
         for i, token in zip(live, tokens, strict=True):
@@ -384,7 +385,8 @@ class Scheduler:
             tokens[i] = int(sample_next(row, s, r.gen, r.recent)[0])
         for members in groups.values():
             settings = rows[members[0]].handle.request.settings
-            picked = sample_rows(logits[members], settings, [rows[i].gen for i in members])
+            part = logits if len(members) == len(rows) else logits[members]  # no copy if all
+            picked = sample_rows(part, settings, [rows[i].gen for i in members])
             for i, token in zip(members, picked.tolist(), strict=True):
                 tokens[i] = token
         return tokens

@@ -11,7 +11,7 @@ import torch
 from minigpt_cli.generate.quant import DecodingHead
 from minigpt_cli.model.gpt import GPT, KVCache
 
-SMALL_STEP = 16  # a CPU step over at most this many (batch x new) tokens runs on one thread
+SMALL_STEP = 4  # a CPU step over at most this many (batch x new) tokens runs on one thread
 
 
 class CachedLM:

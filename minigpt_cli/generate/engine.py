@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minigpt_cli.generate.cache import SMALL_STEP, CachedLM, one_thread
+from minigpt_cli.generate.cache import CachedLM, one_thread
 from minigpt_cli.generate.decoding import REPETITION_WINDOW, SamplingSettings, sample_next
 from minigpt_cli.generate.quant import DecodingHead
 from minigpt_cli.generate.text import StopFilter, TextStream
@@ -205,7 +205,7 @@ class Engine:
         if self._vocab_limit is not None:  # never sample ids the tokenizer cannot decode
             logits = logits[..., :self._vocab_limit]
         # a few passes over one row of logits: too small to be worth a second thread
-        with one_thread(logits.device.type == "cpu" and logits.size(0) <= SMALL_STEP):
+        with one_thread(logits.device.type == "cpu" and logits.size(0) == 1):
             return sample_next(logits, settings, gen, recent)
 
     @staticmethod
