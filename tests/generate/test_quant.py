@@ -130,7 +130,9 @@ def test_exact_decoding_head_is_the_models_head(toy_model):
         torch.testing.assert_close(exact(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_int8_decoding_head_is_close_to_the_exact_head(toy_model):
+@pytest.mark.parametrize("kernel", ["int8xint8", "int8pack"])
+def test_int8_decoding_head_is_close_to_the_exact_head(toy_model, kernel, monkeypatch):
+    monkeypatch.setattr(quant, "int8_kernels", lambda: [kernel])
     head = quant.DecodingHead(toy_model, quantize=True)
     if head.mode != "int8":
         pytest.skip(f"no int8 kernel on this build (torch {torch.__version__}): the head "
@@ -145,3 +147,51 @@ def test_int8_decoding_head_is_close_to_the_exact_head(toy_model):
     assert got.shape == ref.shape and got.dtype == torch.float32
     scale = ref.abs().max()
     assert (got - ref).abs().max() < 0.02 * scale
+
+
+def test_int8_by_int8_keeps_about_15_bits_of_the_activations():
+    torch.manual_seed(0)
+    w = torch.randn(300, 64)
+    scales = w.abs().amax(dim=1) / 127
+    q = torch.round(w / scales[:, None]).to(torch.int8)
+    x = torch.randn(5, 64) * torch.tensor([[0.01], [1.0], [30.0], [1.0], [1e4]])
+    got = quant.int8_by_int8(x, q, scales)
+    ref = x @ (q.float() * scales[:, None]).t()  # the same int8 weights, exact activations
+    assert got.dtype == torch.float32 and got.shape == (5, 300)
+    # the error of each row is its own, relative to that row's size
+    err = ((got - ref).abs().amax(-1) / ref.abs().amax(-1))
+    assert (err < 1e-3).all(), err
+
+
+def test_int8_by_int8_gives_a_row_the_same_result_alone_or_in_a_batch():
+    torch.manual_seed(1)
+    q = torch.randint(-127, 128, (200, 48), dtype=torch.int8)
+    scales = torch.rand(200) / 100
+    x = torch.randn(7, 48)
+    batch = quant.int8_by_int8(x, q, scales)
+    for i in range(7):
+        assert torch.equal(quant.int8_by_int8(x[i:i + 1], q, scales), batch[i:i + 1])
+    assert torch.equal(quant.int8_by_int8(x[2:5], q, scales), batch[2:5])
+
+
+@pytest.mark.parametrize("isa, expected", [(None, True), ("ALL", True), ("AVX2", False),
+                                           ("avx512_core", False),
+                                           ("AVX512_CORE_VNNI", True), ("AVX512_CORE_AMX", True)])
+def test_the_int8_by_int8_head_needs_dot_products_that_onednn_may_use(isa, expected,
+                                                                        monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
+    if isa is None:
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("DNNL_MAX_CPU_ISA", isa)
+    assert quant.int8_dot_products() is expected
+    assert ("int8xint8" in quant.int8_kernels()) is expected
+    assert quant.int8_kernels()[-1] == "int8pack"
+
+
+def test_no_int8_dot_products_without_vnni_or_amx(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert not quant.int8_dot_products()
+    assert quant.int8_kernels() == ["int8pack"]
