@@ -65,10 +65,12 @@ def engine_speed(run: Path, tokens: int) -> float:
     for its first steps too): the best of three."""
     import torch
 
+    from minigpt_cli.device import configure_backends
     from minigpt_cli.generate.decoding import SamplingSettings
     from minigpt_cli.generate.engine import Engine, GenerationResult
     from minigpt_cli.run.load import load_run
 
+    configure_backends(torch.device("cpu"))  # as the command does
     loaded = load_run(run, torch.device("cpu"))
     engine = Engine(loaded.model, loaded.tokenizer)
     best = 0.0
