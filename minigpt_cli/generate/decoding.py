@@ -170,6 +170,9 @@ def sample_rows(logits: torch.Tensor, settings: SamplingSettings,
     logits = logits.float()
     if settings.temperature == 0:
         return logits.argmax(-1)
-    draws = torch.cat([torch.rand((1, 1), generator=g, device=logits.device)
-                       for g in generators])
+    if len(generators) == 1:
+        draws = torch.rand((1, 1), generator=generators[0], device=logits.device)
+    else:
+        draws = torch.cat([torch.rand((1, 1), generator=g, device=logits.device)
+                           for g in generators])
     return sample_from(filtered_probs(logits, settings), draws=draws)
