@@ -8,6 +8,7 @@ module only by ``minigpt serve``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 from collections import deque
@@ -194,7 +195,8 @@ class _Calls:
     event loop only when it is not already due to look, so a loop that falls behind is not
     woken once per token. The loop takes everything buffered at once, and after each lot
     waits ``served.stream_interval`` seconds (the tokens sampled meanwhile go out together,
-    in one chunk per sample) before it looks again. A watcher polls, once a second, whether
+    in one chunk per sample) before it looks again, or less when a request ends meanwhile:
+    the end of a reply is never held back. A watcher polls, once a second, whether
     the client is still there, and cancels the requests (freeing their rows before the
     next step) when it is not. A stream also notices a hang-up when its next write fails.
     """
@@ -204,6 +206,7 @@ class _Calls:
         self.buffer: deque = deque()  # (call index, event), appended by the scheduler
         self.due = False  # the loop has been asked to look at the buffer
         self.arrived = asyncio.Event()
+        self.ended = asyncio.Event()  # a request is done: no more waiting between lots
         self.handles = []
         self.pending: list = []
         self.watcher: asyncio.Task | None = None
@@ -212,6 +215,8 @@ class _Calls:
             for i, req in enumerate(gen.requests()):
                 def emit(event, i=i):
                     self.buffer.append((i, event))
+                    if isinstance(event, Done | Failed):  # the last lot goes out at once
+                        loop.call_soon_threadsafe(self.ended.set)
                     if not self.due:
                         self.due = True
                         loop.call_soon_threadsafe(self.arrived.set)
@@ -279,7 +284,10 @@ class _Calls:
             if done == len(self.handles):
                 return
             if batch and self.served.stream_interval > 0:
-                await asyncio.sleep(self.served.stream_interval)
+                self.due = True  # the loop looks after the wait anyway: no wake-ups before
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ended.wait(), self.served.stream_interval)
+                self.ended.clear()  # what ended is in the buffer now
             batch = await self._take()
             if any(event is _GONE for _, event in batch):
                 return
