@@ -4,8 +4,9 @@ Builds a run of the ``small`` preset's model (random weights; GPT-2's tokenizer 
 ../shared when it is there, else bytes), starts ``minigpt serve`` on it, and for each level
 of concurrency prints aggregate tokens/s, per-stream tokens/s and p50/p95 time to first
 token. ``minigpt generate``'s single-stream speed on the same run is measured in the same
-run as the baseline (its engine warmed up in this process, the best of three calls; each
-level below is likewise the best of ``--rounds``). Targets: 8 streams' aggregate >= 3x one
+run as the baseline (its engine warmed up in this process). Each round times the baseline
+and then every level, so that the slower spells of a shared machine fall on all of them
+alike; each figure is the best of ``--rounds``. Targets: 8 streams' aggregate >= 3x one
 stream's, and one stream no slower than ``generate``.
 
 The clients share the machine with the server. By default they read the streams over bare
@@ -60,9 +61,9 @@ def make_run(root: Path, preset: str) -> Path:
     return run
 
 
-def engine_speed(run: Path, tokens: int) -> float:
+def engine_speed(run: Path, tokens: int):
     """``minigpt generate``'s engine in this process, warmed up (a fresh CLI process pays
-    for its first steps too): the best of three."""
+    for its first steps too): a function that times one call, in tokens/s."""
     import torch
 
     from minigpt_cli.device import configure_backends
@@ -73,13 +74,17 @@ def engine_speed(run: Path, tokens: int) -> float:
     configure_backends(torch.device("cpu"))  # as the command does
     loaded = load_run(run, torch.device("cpu"))
     engine = Engine(loaded.model, loaded.tokenizer)
-    best = 0.0
-    for seed in range(3):
-        settings = SamplingSettings(max_new_tokens=tokens, temperature=0.8, seed=seed)
+    calls = iter(range(1 << 30))
+
+    def one_call() -> float:
+        settings = SamplingSettings(max_new_tokens=tokens, temperature=0.8, seed=next(calls))
         for event in engine.generate("Once upon a time", settings):
             if isinstance(event, GenerationResult):
-                best = max(best, event.tokens_per_second)
-    return best
+                return event.tokens_per_second
+        raise RuntimeError("no result")
+
+    one_call()  # warm-up
+    return one_call
 
 
 def generate_speed(run: Path, tokens: int) -> float:
@@ -192,14 +197,18 @@ def main() -> None:
                   + (f", --stream-interval {args.stream_interval}" if extra else ""))
             print(f"CPU: {machine.cpu()}")
             cli = generate_speed(run, args.tokens)
-            base = engine_speed(run, args.tokens)
+            engine = engine_speed(run, args.tokens)
+            levels = [int(x) for x in args.levels.split(",")]
+            bases, runs = [], {n: [] for n in levels}
+            for _ in range(args.rounds):  # interleaved, so that a slower spell hits them all
+                bases.append(engine())
+                for n in levels:
+                    runs[n].append(asyncio.run(level(url, n, args.tokens, args.client == "raw")))
+            base = max(bases)
             print(f"minigpt generate (one stream): {cli:.1f} tokens/s as a fresh process, "
                   f"{base:.1f} tokens/s warmed up (its engine, in process)")
-            rows = []
-            for n in (int(x) for x in args.levels.split(",")):
-                row = max((asyncio.run(level(url, n, args.tokens, args.client == "raw"))
-                           for _ in range(args.rounds)), key=lambda r: r["aggregate"])
-                rows.append(row)
+            rows = [max(runs[n], key=lambda r: r["aggregate"]) for n in levels]
+            for n, row in zip(levels, rows, strict=True):
                 print(f"{n:3d} streams: aggregate {row['aggregate']:7.1f} tokens/s, per stream "
                       f"{row['per_stream']:6.1f} tokens/s, TTFT p50 {row['p50_ttft'] * 1000:6.0f}"
                       f" ms, p95 {row['p95_ttft'] * 1000:6.0f} ms")
@@ -208,6 +217,11 @@ def main() -> None:
             if eight:
                 print(f"8 streams / 1 stream: {eight / one:.2f}x (target >= 3x); "
                       f"1 stream / generate: {rows[0]['per_stream'] / base:.2f}x (target >= 1)")
+            if levels[0] == 1:
+                ratios = sorted(r["per_stream"] / b for r, b in zip(runs[1], bases, strict=True))
+                print("1 stream / generate, round by round: "
+                      + ", ".join(f"{x:.2f}" for x in ratios)
+                      + f" (median {statistics.median(ratios):.2f}x)")
             print(f"load average after: {os.getloadavg()[0]:.2f}")
         finally:
             server.terminate()
