@@ -179,3 +179,20 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         time.sleep(0.05)
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "active": 0,
                                                         "queued": 0}
+
+
+def test_the_stream_interval_never_holds_back_the_end_of_a_reply(start_server):
+    # tokens gather for up to a second between lots here, but a reply that is done goes out
+    # at once: a few tokens of the toy model take milliseconds, not the interval
+    s = start_server("--stream-interval", "1")
+    try:
+        body = {"prompt": "a", "max_tokens": 3, "stream": True, "temperature": 0}
+        t0 = time.monotonic()
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        elapsed = time.monotonic() - t0
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert elapsed < 0.9, f"the reply took {elapsed:.2f} s with a 1 s stream interval"
+    finally:
+        s.stop()
