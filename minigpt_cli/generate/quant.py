@@ -191,13 +191,15 @@ class DecodingHead:
     int8 by int8 in hardware (VNNI, AMX), the activations go in as two int8 parts each
     (``int8_by_int8``: about 15 bits kept, exact int32 sums), 1.2-2x faster than the
     weight-only kernel and closer to the exact logits; elsewhere that kernel
-    (``_weight_int8pack_mm``, bf16 activations) runs. Without it (or where the int8 kernel is missing), an exact fp32 copy in (C, V)
-    layout is used, about twice as fast as the model's own (V, C) one. A model whose head
-    ``quantize_model`` replaced keeps that head. Elsewhere the model's own weights are used
-    as they are.
+    (``_weight_int8pack_mm``, bf16 activations) runs. Without ``quantize`` (or where no
+    int8 kernel works), an exact fp32 copy in (C, V) layout is used, about twice as fast as
+    the model's own (V, C) one. A model whose head ``quantize_model`` replaced keeps that
+    head. Elsewhere the model's own weights are used as they are. ``kernels`` names the
+    int8 kernels to try, in order (default: ``int8_kernels()``, this machine's).
     """
 
-    def __init__(self, model: nn.Module, quantize: bool = True):
+    def __init__(self, model: nn.Module, quantize: bool = True,
+                 kernels: list[str] | None = None):
         if isinstance(model.lm_head, QuantizedLinear):
             self.layer = model.lm_head
             self.mode = model.lm_head.mode
@@ -212,7 +214,7 @@ class DecodingHead:
             if quantize:
                 scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
                 self.q = torch.round(w / scales[:, None]).to(torch.int8).contiguous()
-                for kernel in int8_kernels():
+                for kernel in int8_kernels() if kernels is None else kernels:
                     self.kernel = kernel
                     self.scales = scales if kernel == "int8xint8" else scales.to(torch.bfloat16)
                     try:  # the kernels are CPU- and build-dependent: check once

@@ -131,9 +131,8 @@ def test_exact_decoding_head_is_the_models_head(toy_model):
 
 
 @pytest.mark.parametrize("kernel", ["int8xint8", "int8pack"])
-def test_int8_decoding_head_is_close_to_the_exact_head(toy_model, kernel, monkeypatch):
-    monkeypatch.setattr(quant, "int8_kernels", lambda: [kernel])
-    head = quant.DecodingHead(toy_model, quantize=True)
+def test_int8_decoding_head_is_close_to_the_exact_head(toy_model, kernel):
+    head = quant.DecodingHead(toy_model, quantize=True, kernels=[kernel])
     if head.mode != "int8":
         pytest.skip(f"no int8 kernel on this build (torch {torch.__version__}): the head "
                     f"falls back to {head.mode}")
@@ -145,6 +144,7 @@ def test_int8_decoding_head_is_close_to_the_exact_head(toy_model, kernel, monkey
         torch.testing.assert_close(exact(x), ref, atol=1e-5, rtol=1e-5)
         got = head(x)
     assert got.shape == ref.shape and got.dtype == torch.float32
+    assert head.kernel == kernel
     scale = ref.abs().max()
     assert (got - ref).abs().max() < 0.02 * scale
 
