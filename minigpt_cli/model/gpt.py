@@ -73,6 +73,8 @@ class CausalSelfAttention(nn.Module):
         self.q_norm, self.k_norm = ((make_norm(cfg, D), make_norm(cfg, D)) if cfg.qk_norm
                                     else (nn.Identity(), nn.Identity()))
         self.rotary = POSITIONS[cfg.position](cfg)
+        # plain flags: skipping the no-op modules saves a call each per layer and token
+        self.qk_norm, self.rotates = cfg.qk_norm, cfg.position != "learned"
 
     def qkv(self, x: torch.Tensor, start: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,9 +82,13 @@ class CausalSelfAttention(nn.Module):
         first token sits at position ``start``."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)
-        q = self.q_norm(q.view(B, T, self.num_heads, -1)).transpose(1, 2)
-        k = self.k_norm(k.view(B, T, self.kv_heads, -1)).transpose(1, 2)
-        q, k = self.rotary(q, k, start)
+        q = q.view(B, T, self.num_heads, -1)
+        k = k.view(B, T, self.kv_heads, -1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.rotates:
+            q, k = self.rotary(q, k, start)
         return q, k, v.view(B, T, self.kv_heads, -1).transpose(1, 2)
 
     def share_kv(self, t: torch.Tensor) -> torch.Tensor:
@@ -113,8 +119,8 @@ class CausalSelfAttention(nn.Module):
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         k, v = self.share_kv(k), self.share_kv(v)
         y = attention(q, k, v, mask, causal, self.dropout, self.training)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.resid_dropout(y) if self.training else y
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """The attention weights (B, H, T, T) that ``forward`` applies to the values: row i
@@ -136,7 +142,8 @@ class MLP(nn.Module):
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        y = self.c_proj(self.gelu(self.c_fc(x)))
+        return self.dropout(y) if self.training else y
 
 
 # The variants a config names (config.POSITIONS, NORMS, MLPS), as modules.
@@ -246,7 +253,7 @@ class GPT(nn.Module):
                    if isinstance(start, torch.Tensor) else
                    torch.arange(start, start + T, dtype=torch.long, device=idx.device))
             x = x + self.transformer.wpe(pos)
-        return self.transformer.drop(x)
+        return self.transformer.drop(x) if self.training else x
 
     def features(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final hidden states (B, T, C) that the head turns into logits.

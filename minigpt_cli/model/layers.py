@@ -83,4 +83,5 @@ class SwiGLU(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x)))
+        y = self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
+        return self.dropout(y) if self.training else y
