@@ -189,7 +189,7 @@ class DecodingHead:
     per vocabulary row (weight-only quantisation, as llama.cpp's q8): a quarter of the
     memory traffic, logits within about 1% of the exact ones. Where the CPU multiplies
     int8 by int8 in hardware (VNNI, AMX), the activations go in as two int8 parts each
-    (``int8_by_int8``: about 15 bits kept, exact int32 sums), 1.2-2x faster than the
+    (``int8_by_int8``: about 15 bits kept, exact int32 sums), 1.05-1.6x faster than the
     weight-only kernel and closer to the exact logits; elsewhere that kernel
     (``_weight_int8pack_mm``, bf16 activations) runs. Without ``quantize`` (or where no
     int8 kernel works), an exact fp32 copy in (C, V) layout is used, about twice as fast as
