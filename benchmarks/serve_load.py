@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -74,7 +75,7 @@ def engine_speed(run: Path, tokens: int):
     configure_backends(torch.device("cpu"))  # as the command does
     loaded = load_run(run, torch.device("cpu"))
     engine = Engine(loaded.model, loaded.tokenizer)
-    calls = iter(range(1 << 30))
+    calls = itertools.count()
 
     def one_call() -> float:
         settings = SamplingSettings(max_new_tokens=tokens, temperature=0.8, seed=next(calls))

@@ -8,7 +8,6 @@ module only by ``minigpt serve``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 from collections import deque
@@ -206,7 +205,7 @@ class _Calls:
         self.buffer: deque = deque()  # (call index, event), appended by the scheduler
         self.due = False  # the loop has been asked to look at the buffer
         self.arrived = asyncio.Event()
-        self.ended = asyncio.Event()  # a request is done: no more waiting between lots
+        self.resume = asyncio.Event()  # ends a pause between lots: its timer, or a request done
         self.handles = []
         self.pending: list = []
         self.watcher: asyncio.Task | None = None
@@ -216,7 +215,7 @@ class _Calls:
                 def emit(event, i=i):
                     self.buffer.append((i, event))
                     if isinstance(event, Done | Failed):  # the last lot goes out at once
-                        loop.call_soon_threadsafe(self.ended.set)
+                        loop.call_soon_threadsafe(self.resume.set)
                     if not self.due:
                         self.due = True
                         loop.call_soon_threadsafe(self.arrived.set)
@@ -284,10 +283,12 @@ class _Calls:
             if done == len(self.handles):
                 return
             if batch and self.served.stream_interval > 0:
-                self.due = True  # the loop looks after the wait anyway: no wake-ups before
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ended.wait(), self.served.stream_interval)
-                self.ended.clear()  # what ended is in the buffer now
+                self.due = True  # the loop looks after the pause anyway: no wake-ups before
+                timer = asyncio.get_running_loop().call_later(self.served.stream_interval,
+                                                              self.resume.set)
+                await self.resume.wait()
+                timer.cancel()
+                self.resume.clear()  # what ended is in the buffer now
             batch = await self._take()
             if any(event is _GONE for _, event in batch):
                 return
