@@ -125,6 +125,11 @@ class _Row:
             self.counts = torch.zeros(tokenizer.vocab_size, device=device)
 
 
+def _take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``t[rows]`` for increasing ``rows``, without the copy when they are all of ``t``."""
+    return t if len(rows) == t.size(0) else t[rows]
+
+
 class Scheduler:
     """Continuous batching over ``model``; ``submit`` requests from any thread.
 
@@ -357,8 +362,7 @@ class Scheduler:
         live = [i for i, r in enumerate(rows) if not r.handle.cancelled]
         # a few passes over one row of logits: one thread; over several, all threads
         with one_thread(logits.device.type == "cpu" and len(live) <= 1):
-            tokens = self._draw([rows[i] for i in live],
-                                logits if len(live) == len(rows) else logits[live])
+            tokens = self._draw([rows[i] for i in live], _take_rows(logits, live))
         for r in rows:
             r.next_token = -1
         for i, token in zip(live, tokens, strict=True):
@@ -385,8 +389,8 @@ class Scheduler:
             tokens[i] = int(sample_next(row, s, r.gen, r.recent)[0])
         for members in groups.values():
             settings = rows[members[0]].handle.request.settings
-            part = logits if len(members) == len(rows) else logits[members]  # no copy if all
-            picked = sample_rows(part, settings, [rows[i].gen for i in members])
+            picked = sample_rows(_take_rows(logits, members), settings,
+                                 [rows[i].gen for i in members])
             for i, token in zip(members, picked.tolist(), strict=True):
                 tokens[i] = token
         return tokens
