@@ -134,11 +134,28 @@ def is_peer_failure(e: BaseException) -> bool:
                                   "Timed out", "closed", "ProcessGroup")))
 
 
-def lost(e: BaseException, step: int, last: Any) -> PeerLost:
+def lost(e: BaseException, step: int | None, last: Any = None) -> PeerLost:
+    """The error of a rank whose peers are gone: at ``step`` of training, or (None) while
+    the ranks set up the run."""
+    why = f"another rank died or hung: {_first_line(e)}"
+    if step is None:
+        return PeerLost(f"rank {_info.rank} lost the other processes while setting up the "
+                        f"run ({why})", "start the job again on every node")
     where = f"the last checkpoint is {last}" if last else "no checkpoint was saved yet"
-    return PeerLost(f"rank {_info.rank} lost the other processes at step {step} (another "
-                    f"rank died or hung: {_first_line(e)}); {where}",
-                    "resume the run with the same number of processes")
+    return PeerLost(f"rank {_info.rank} lost the other processes at step {step} ({why}); "
+                    f"{where}", "resume the run with the same number of processes")
+
+
+@contextlib.contextmanager
+def setting_up():
+    """The collectives of setting up a run (the weights broadcast, DDP's checks): a rank
+    that is gone makes the others raise ``PeerLost``, as during training."""
+    try:
+        yield
+    except RuntimeError as e:
+        if is_peer_failure(e):
+            raise lost(e, None) from e
+        raise
 
 
 def barrier() -> None:
@@ -192,7 +209,7 @@ def share_from_main(obj: Any = None, long_wait: bool = True) -> Any:
     try:
         dist.broadcast_object_list(box, src=0, group=None if long_wait else _group)
     except RuntimeError as e:
-        raise lost(e, 0, None) from e
+        raise lost(e, None) from e
     return box[0]
 
 

@@ -162,7 +162,8 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
             distributed.share_from_main(None)  # the others leave; rank 0 says why
             raise
         distributed.share_from_main((prepared[0].to_dict(), prepared[1], prepared[4]))
-        return _build(*prepared, resume, device, callbacks)
+        with distributed.setting_up():
+            return _build(*prepared, resume, device, callbacks)
     shared = distributed.share_from_main()
     if shared is None:
         raise distributed.RankFailed(f"rank {dist.rank}: rank 0 failed to set up the run")
@@ -171,7 +172,9 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     tokenizer = load_tokenizer(run_dir)
     source = _source(config)
     splits = load_splits(config, source, tokenizer)
-    return _build(config, run_dir, tokenizer, splits, resumed_from, [], None, resume, device, [])
+    with distributed.setting_up():
+        return _build(config, run_dir, tokenizer, splits, resumed_from, [], None, resume,
+                      device, [])
 
 
 @dataclass

@@ -249,8 +249,48 @@ def test_more_processes_than_cores_warns_and_too_big_a_batch_is_one_line(workdir
     _one_line_error(code, err, "windows a step")
 
 
-def test_a_dead_rendezvous_endpoint_is_one_line(workdir):
+def test_a_dead_rendezvous_endpoint_is_one_line(workdir, monkeypatch):
+    # a job id of its own: another test run on this machine at the same endpoint must not
+    # make up the second node
+    monkeypatch.setenv("MINIGPT_RUN_ID", f"dead-endpoint-{os.getpid()}-{time.time_ns()}")
     proc = _start(workdir, "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint",
                   "127.0.0.1:9", "--max-steps", "1", timeout_s=5)
     _, err = proc.communicate(timeout=120)
     _one_line_error(proc.returncode, err, "could not meet")
+
+
+SETUP_RANK = """
+import os, sys
+import torch
+from minigpt_cli.errors import MiniGPTError
+from minigpt_cli.train import distributed
+distributed.init(torch.device("cpu"))
+if distributed.info().rank == 1:
+    os._exit(0)  # gone before the weights are shared
+try:
+    with distributed.setting_up():
+        for _ in range(50):
+            distributed.broadcast_module(torch.nn.Linear(64, 64))
+except MiniGPTError as e:
+    print(type(e).__name__, e.message)
+    sys.exit(1)
+"""
+
+
+def test_a_rank_lost_while_setting_up_is_a_one_line_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "MINIGPT_DIST_TIMEOUT": "10", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", SETUP_RANK], cwd=tmp_path,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=30)
+    assert procs[0].returncode == 1, err
+    assert "Traceback" not in err, err
+    assert out.startswith("PeerLost rank 0 lost the other processes while setting up the run"), out
