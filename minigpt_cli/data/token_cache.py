@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from minigpt_cli import paths
 from minigpt_cli.data.source import DataSource
 from minigpt_cli.errors import DataError
 from minigpt_cli.fileio import atomic_open, atomic_write
+from minigpt_cli.spaces import has_wide_space
 
 TOKEN_CACHE_VERSION = 2  # 2: chunks cut only where the ids do not change
 
@@ -108,11 +108,6 @@ ENCODE_THREADS = max(1, min(8, os.cpu_count() or 1))  # pieces encoded at once
 IN_FLIGHT = 2 * ENCODE_THREADS  # pieces (about 2 MB each) encoding or waiting to be written
 MAX_CARRY = 8 << 20  # text held back while looking for a safe cut, before cutting anyway
 
-# Every whitespace character of str.split(); outside ASCII: for the slow exact path
-_ASCII_SPACE = np.zeros(256, dtype=bool)
-_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
-_OTHER_SPACE = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
-
 
 def safe_pieces(chunks: Iterable[str]) -> Iterator[str]:
     """The text of ``chunks`` again, cut only after a newline between two characters that
@@ -158,9 +153,10 @@ def _count_words(text: str, data: bytes) -> int:
     """``len(text.split())`` without the list: counted on the UTF-8 bytes ``data``."""
     if not data:
         return 0
-    if _OTHER_SPACE.search(text):
+    array = np.frombuffer(data, dtype=np.uint8)
+    if has_wide_space(array):
         return len(text.split())
-    space = _ASCII_SPACE[np.frombuffer(data, dtype=np.uint8)]
+    space = ((array - 9) < 5) | ((array - 28) < 5)  # str.split's: 9-13, 28-32
     return int(np.count_nonzero(space[:-1] & ~space[1:])) + (not space[0])
 
 
@@ -169,29 +165,33 @@ def _encode_into(f: Any, chunks: Iterator[str], tokenizer: Any, dtype: np.dtype,
     """Encode ``chunks`` into the open file ``f``; return the text statistics.
 
     The text is re-cut at safe boundaries (``safe_pieces``), so the ids are those of the
-    text in one piece. Each piece goes to the tokenizer's ``encode_arrays`` in a pool of
-    threads, one per CPU (tiktoken and SentencePiece release the GIL while they encode),
-    while this thread counts the next pieces' bytes, words and lines and writes the ids
-    of the oldest, in order.
+    text in one piece. Each piece goes to a pool of threads, one per CPU, that encodes it
+    with the tokenizer's ``encode_arrays`` (tiktoken and SentencePiece release the GIL
+    while they encode) and counts its bytes, words and lines; this thread reads the text
+    and writes the ids of the oldest piece, in order.
     """
     encode_arrays = getattr(tokenizer, "encode_arrays", None)
 
-    def encode(text: str) -> np.ndarray:
+    def encode(text: str) -> tuple[np.ndarray, int, int, int]:
         ids = encode_arrays([text])[0] if callable(encode_arrays) else tokenizer.encode(text)
-        return np.asarray(ids).astype(dtype, copy=False)
+        data = text.encode("utf-8")
+        return (np.asarray(ids).astype(dtype, copy=False), len(data), text.count("\n"),
+                _count_words(text, data))
 
     n_tokens = n_bytes = n_words = n_lines = 0
     last_char = ""
-    in_flight: deque = deque()  # (future of a piece's ids, bytes of text up to its end)
+    in_flight: deque = deque()  # futures of the pieces' ids and counts
 
     def write_oldest() -> None:
-        nonlocal n_tokens
-        future, done = in_flight.popleft()
-        arr = future.result()
-        f.write(arr.tobytes())
-        n_tokens += len(arr)
+        nonlocal n_tokens, n_bytes, n_words, n_lines
+        ids, size, lines, words = in_flight.popleft().result()
+        f.write(ids.tobytes())
+        n_tokens += len(ids)
+        n_bytes += size
+        n_lines += lines
+        n_words += words
         if progress is not None:
-            progress(done, max(total, done) if total else 0)
+            progress(n_bytes, max(total, n_bytes) if total else 0)
 
     if progress is not None:
         progress(0, total)
@@ -199,21 +199,16 @@ def _encode_into(f: Any, chunks: Iterator[str], tokenizer: Any, dtype: np.dtype,
                             thread_name_prefix="minigpt-encode") as pool:
         try:
             for piece in safe_pieces(c for c in chunks if c):
-                future = pool.submit(encode, piece)
-                data = piece.encode("utf-8")  # while it encodes
-                n_bytes += len(data)
-                n_lines += piece.count("\n")
-                n_words += _count_words(piece, data)
+                in_flight.append(pool.submit(encode, piece))
                 if last_char and not last_char.isspace() and not piece[0].isspace():
-                    n_words -= 1  # a word cut by the boundary was counted twice
+                    n_words -= 1  # a word cut by the boundary is counted in both pieces
                 last_char = piece[-1]
-                in_flight.append((future, n_bytes))
                 if len(in_flight) > IN_FLIGHT:
                     write_oldest()
             while in_flight:
                 write_oldest()
         finally:
-            for future, _ in in_flight:
+            for future in in_flight:
                 future.cancel()
     if last_char and last_char != "\n":
         n_lines += 1
