@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,9 +28,12 @@ EOT = "<|endoftext|>"
 RANKS_FILE = "ranks.tiktoken"
 REPLACEMENT = "\ufffd".encode()
 NUM_THREADS = max(1, min(8, os.cpu_count() or 1))  # for encode_batch
+_SPLIT_FREE_LOCK = threading.Lock()  # one look-ahead-free encoding per tokenizer
 
 # Split patterns copied from tiktoken_ext/openai_public.py (calling it would download).
 R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# GPT-2's pattern as older tiktoken versions wrote it, before possessive quantifiers
+R50K_PAT_OLD = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CL100K_PAT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
               r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 O200K_PAT = "|".join([
@@ -125,6 +129,7 @@ class TiktokenTokenizer(Tokenizer):
         self.enc = enc
         self.vocab_size = enc.n_vocab
         self.eot_id = enc.eot_token
+        self._split_free = None  # built on first use by encode_arrays
 
     @classmethod
     def create(cls, arg: str, training_text: TextSource | None = None) -> TiktokenTokenizer:
@@ -176,14 +181,28 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode_arrays(self, texts: list[str]) -> list:
         """One thread per text, up to NUM_THREADS (tiktoken releases the GIL), straight
-        into NumPy: the ids of ``encode_ordinary``, special-token text encoded as text."""
+        into NumPy: the ids of ``encode_ordinary``, special-token text encoded as text.
+        GPT-2's split pattern goes through :mod:`minigpt_tokenizers.split_free`."""
+        split_free = self._split_free_encoder()
+
         def one(text: str):
-            return self.enc.encode_to_numpy(text, allowed_special=set(),
-                                            disallowed_special=())
+            ids = split_free.encode(text) if split_free is not None else None
+            if ids is None:
+                ids = self.enc.encode_to_numpy(text, allowed_special=set(),
+                                               disallowed_special=())
+            return ids
         if len(texts) <= 1:
             return [one(t) for t in texts]
         with ThreadPoolExecutor(min(NUM_THREADS, len(texts))) as pool:
             return list(pool.map(one, texts))
+
+    def _split_free_encoder(self):
+        from minigpt_tokenizers.split_free import SplitFreeEncoder
+
+        with _SPLIT_FREE_LOCK:
+            if self._split_free is None and self.enc._pat_str in (R50K_PAT, R50K_PAT_OLD):
+                self._split_free = SplitFreeEncoder(self.enc)
+            return self._split_free
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
