@@ -1,23 +1,29 @@
-"""GPT-2's byte-level BPE without the look-ahead in its split pattern, for large texts.
+"""tiktoken's byte-level BPE without the look-ahead in its split patterns, for large texts.
 
-GPT-2's pattern (r50k, p50k) ends in ``\\s+(?!\\S)``: a run of whitespace before a
-non-space leaves its last character to the next piece (``"  word"`` splits as ``" "``,
-``" word"``). That one look-ahead sends all of tiktoken's splitting through fancy_regex's
-backtracking machine, about 60% of its encoding time. The same pattern without it
-(``LOOKAHEAD_FREE``) runs on the regex crate's automata: tiktoken encodes about 1.7x
-faster on one thread, and threads scale better.
+The split patterns of GPT-2 (r50k, p50k), cl100k and o200k all hold ``\\s+(?!\\S)``: a run
+of spaces before a non-space leaves its last character to the next piece (``"  word"``
+splits as ``" "``, ``" word"``). That one look-ahead sends all of tiktoken's splitting
+through fancy_regex's backtracking machine, about 60% of its encoding time. The same
+pattern with ``\\s+`` in its place runs on the regex crate's automata: tiktoken encodes
+about 1.7x faster on one thread, and threads scale better.
 
-The two patterns split a text differently only at a run of two or more whitespace
-characters followed by a non-space: GPT-2's ends a piece before the run's last character,
-the other takes the whole run. So the text is cut there first. A marker character, one of
-the look-ahead-free encoding's special tokens, goes in at each such place; tiktoken splits
-the text between markers on its own and the markers' ids are dropped. Between two markers
-both patterns give the same pieces: every run of whitespace there is either one character
-before a non-space (``\\s`` alone, or a space that ``" ?X+"`` takes along, in both) or the
-end of a part (``\\s++$`` in GPT-2's, ``\\s+`` in the other), and the other alternatives
-are the same but for possessive quantifiers, which change nothing where nothing follows
-them. The ids are therefore exactly those of ``encode_ordinary``; tests check it on real
-and adversarial text.
+The two split a text differently only where a run of spaces before a non-space ends in
+two characters that the pattern treats alike: the original ends a piece before the last
+one, the other takes both. (GPT-2's treats every space alike. cl100k's and o200k's first
+end a piece at the run's last ``\\r`` or ``\\n``, in both versions, so only what follows
+it counts.) So the text is cut there first: a marker character, one of the look-ahead-free
+encoding's special tokens, goes in before the run's last character, tiktoken splits the
+text between markers on its own, and the markers' ids are dropped. For cl100k and o200k a
+marker also goes after the run's last newline, because cl100k's ``\\s++$`` takes a run that
+ends at a marker whole, as if the text ended there.
+
+Between two markers both patterns then give the same pieces: a run there is either one
+character before a non-space (taken alone or with the non-space, alike in both), or the
+end of a part (``\\s++$`` or ``\\s+(?!\\S)`` in the original, ``\\s+`` or ``\\s+$`` in
+the other), or a run that ends in a newline before a non-space (the same alternative in
+both); the other alternatives are the same but for possessive quantifiers, which change
+nothing where nothing they could give back follows them. The ids are therefore exactly
+those of ``encode_ordinary``; tests check it on real and adversarial text.
 """
 
 from __future__ import annotations
@@ -28,25 +34,51 @@ import numpy as np
 
 from minigpt_cli.spaces import ascii_white_space, has_wide_space
 
-LOOKAHEAD_FREE = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"""
-
 # Control characters that are not whitespace: a text lacks at least one of them.
 MARKERS = tuple(chr(c) for c in (*range(0, 9), *range(14, 28)))
 # Unicode White_Space, the regex crate's \s
 _SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_BEFORE_LAST_OF_RUN = re.compile(f"[{_SPACE}](?=[{_SPACE}][^{_SPACE}])")
+_OTHER = _SPACE.replace("\n", "").replace("\r", "")
+# where markers go in a text with spaces beyond ASCII: right after each match
+_PLACES = {
+    False: re.compile(f"[{_SPACE}](?=[{_SPACE}][^{_SPACE}])"),
+    True: re.compile(f"[\r\n](?=[{_OTHER}]{{2,}}[^{_SPACE}])|[{_OTHER}](?=[{_OTHER}][^{_SPACE}])"),
+}
+
+
+def _places(data: np.ndarray, newlines_apart: bool) -> np.ndarray:
+    """Where markers go in the UTF-8 bytes ``data`` of a text whose spaces are all ASCII:
+    before the last character of every run of spaces whose last two are alike to the
+    pattern and that a non-space follows; with ``newlines_apart``, also after the run's
+    last newline, if it has one, since cl100k's ``\\s++$`` would otherwise take the run's
+    end at a marker as the end of the text."""
+    space = ascii_white_space(data)
+    alike = space & (data != 10) & (data != 13) if newlines_apart else space
+    last = np.flatnonzero(alike[:-2] & alike[1:-1] & ~space[2:]) + 1
+    if not newlines_apart or not len(last):
+        return last
+    starts = np.flatnonzero(alike & ~np.concatenate([[False], alike[:-1]]))
+    first = starts[np.searchsorted(starts, last, side="right") - 1]  # of the same run
+    before = data[np.maximum(first - 1, 0)]
+    after_newline = first[(first > 0) & ((before == 10) | (before == 13))]
+    return np.union1d(last, after_newline)
 
 
 class SplitFreeEncoder:
-    """``encode_ordinary`` of a tiktoken encoding with GPT-2's split pattern (the caller
-    checks that it has), as a NumPy array, faster."""
+    """``encode_ordinary`` of the tiktoken encoding ``enc``, as a NumPy array, faster.
 
-    def __init__(self, enc):
+    ``pattern`` is ``enc``'s split pattern without its look-ahead, and ``newlines_apart``
+    says whether it ends a piece at a run's last ``\\r`` or ``\\n`` (cl100k, o200k) or not
+    (GPT-2); the caller, which knows the patterns, vouches for both.
+    """
+
+    def __init__(self, enc, pattern: str, newlines_apart: bool):
         import tiktoken
 
         top = max([*enc._mergeable_ranks.values(), *enc._special_tokens.values()])
         self.marker_ids = {m: top + 1 + i for i, m in enumerate(MARKERS)}
-        self.fast = tiktoken.Encoding(f"{enc.name}-lookahead-free", pat_str=LOOKAHEAD_FREE,
+        self.newlines_apart = newlines_apart
+        self.fast = tiktoken.Encoding(f"{enc.name}-lookahead-free", pat_str=pattern,
                                       mergeable_ranks=enc._mergeable_ranks,
                                       special_tokens=self.marker_ids)
 
@@ -57,11 +89,10 @@ class SplitFreeEncoder:
             return None
         data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         if has_wide_space(data):
-            marked = _BEFORE_LAST_OF_RUN.sub(lambda m: m.group() + marker, text)
+            marked = _PLACES[self.newlines_apart].sub(lambda m: m.group() + marker, text)
             cut = len(marked) != len(text)
-        else:  # ASCII whitespace only: find the places on the bytes
-            space = ascii_white_space(data)
-            places = np.flatnonzero(space[:-2] & space[1:-1] & ~space[2:]) + 1
+        else:  # ASCII spaces only: find the places on the bytes
+            places = _places(data, self.newlines_apart)
             cut = len(places) > 0
             marked = (np.insert(data, places, ord(marker)).tobytes().decode("utf-8")
                       if cut else text)

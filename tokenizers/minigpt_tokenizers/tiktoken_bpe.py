@@ -46,6 +46,16 @@ O200K_PAT = "|".join([
     r"""\s+""",
 ])
 
+# Each pattern without its look-ahead, for minigpt_tokenizers.split_free, and whether it ends
+# a piece at a run's last newline (True) before anything else happens to the run
+LOOKAHEAD_FREE = {
+    R50K_PAT: (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+""", False),
+    R50K_PAT_OLD: (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+""", False),
+    CL100K_PAT: (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+""", True),
+    O200K_PAT: (O200K_PAT.replace(r"""|\s+(?!\S)|\s+""", r"""|\s+"""), True),
+}
+
 # sha256 of the published ranks files -> (name, pattern, special tokens, explicit n_vocab).
 # r50k_base's ranks are GPT-2's, so gpt2.tiktoken files land on the first entry.
 KNOWN_RANKS = {
@@ -182,7 +192,7 @@ class TiktokenTokenizer(Tokenizer):
     def encode_arrays(self, texts: list[str]) -> list:
         """One thread per text, up to NUM_THREADS (tiktoken releases the GIL), straight
         into NumPy: the ids of ``encode_ordinary``, special-token text encoded as text.
-        GPT-2's split pattern goes through :mod:`minigpt_tokenizers.split_free`."""
+        The split patterns of OpenAI's encodings go through :mod:`minigpt_tokenizers.split_free`."""
         split_free = self._split_free_encoder()
 
         def one(text: str):
@@ -200,8 +210,8 @@ class TiktokenTokenizer(Tokenizer):
         from minigpt_tokenizers.split_free import SplitFreeEncoder
 
         with _SPLIT_FREE_LOCK:
-            if self._split_free is None and self.enc._pat_str in (R50K_PAT, R50K_PAT_OLD):
-                self._split_free = SplitFreeEncoder(self.enc)
+            if self._split_free is None and self.enc._pat_str in LOOKAHEAD_FREE:
+                self._split_free = SplitFreeEncoder(self.enc, *LOOKAHEAD_FREE[self.enc._pat_str])
             return self._split_free
 
     def decode(self, ids: Iterable[int]) -> str:
