@@ -71,7 +71,8 @@ def through_cache(path: Path, tok, cache: Path) -> tuple[np.ndarray, float]:
 
 
 def report(name: str, size: int, baseline: tuple[np.ndarray, float],
-           ours: tuple[np.ndarray, float]) -> None:
+           ours: tuple[np.ndarray, float]) -> float:
+    """Print one tokenizer's figures; return the token cache's MB/s."""
     base_ids, base_s = baseline
     ids, secs = ours
     mb = size / 1e6
@@ -79,6 +80,7 @@ def report(name: str, size: int, baseline: tuple[np.ndarray, float],
     print(f"{name}: baseline (one encode, 1 thread) {mb / base_s:6.1f} MB/s ({base_s:.1f} s); "
           f"token cache {mb / secs:6.1f} MB/s ({secs:.1f} s), {secs and base_s / secs:.2f}x; "
           f"ids identical: {'yes' if same else 'NO'}; {len(ids):,} tokens")
+    return mb / secs if same else 0.0
 
 
 def main() -> None:
@@ -100,7 +102,7 @@ def main() -> None:
         tok = minigpt_tokenizers.create(f"tiktoken:{ranks}")
         baseline = timed(lambda: tok.enc.encode_ordinary(text))
         ours = through_cache(path, tok, folder / "cache")
-        report("GPT-2 BPE (tiktoken)", size, baseline, ours)
+        gpt2 = report("GPT-2 BPE (tiktoken)", size, baseline, ours)
         if args.sentencepiece:
             from minigpt_tokenizers import sentencepiece_model as spm_plugin
 
@@ -112,7 +114,9 @@ def main() -> None:
             spm_plugin.ENCODE_THREADS = threads
             report("SentencePiece BPE 8k", size, baseline, through_cache(path, sp, folder / "sp"))
         print(f"load after: {machine.load()}")
-        print(f"target: token cache at >= {TARGET_MB_S} MB/s on 2 cores")
+        met = "met" if gpt2 >= TARGET_MB_S else "NOT met"
+        print(f"target: GPT-2 BPE token cache at >= {TARGET_MB_S} MB/s on 2 cores: {met} "
+              f"({gpt2:.1f} MB/s with identical ids, {os.cpu_count()} CPUs here)")
 
 
 if __name__ == "__main__":
