@@ -33,9 +33,8 @@ import re
 import numpy as np
 
 from minigpt_cli.spaces import ascii_white_space, has_wide_space
+from minigpt_tokenizers.markers import absent_marker, with_markers
 
-# Control characters that are not whitespace: a text lacks at least one of them.
-MARKERS = tuple(chr(c) for c in (*range(0, 9), *range(14, 28)))
 # Unicode White_Space, the regex crate's \s
 _SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _OTHER = _SPACE.replace("\n", "").replace("\r", "")
@@ -73,18 +72,12 @@ class SplitFreeEncoder:
     """
 
     def __init__(self, enc, pattern: str, newlines_apart: bool):
-        import tiktoken
-
-        top = max([*enc._mergeable_ranks.values(), *enc._special_tokens.values()])
-        self.marker_ids = {m: top + 1 + i for i, m in enumerate(MARKERS)}
+        self.fast, self.marker_ids = with_markers(enc, pattern)
         self.newlines_apart = newlines_apart
-        self.fast = tiktoken.Encoding(f"{enc.name}-lookahead-free", pat_str=pattern,
-                                      mergeable_ranks=enc._mergeable_ranks,
-                                      special_tokens=self.marker_ids)
 
     def encode(self, text: str) -> np.ndarray | None:
         """The ids as uint32; None for the rare text holding every marker character."""
-        marker = next((m for m in MARKERS if m not in text), None)
+        marker = absent_marker(text)
         if marker is None:
             return None
         data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)

@@ -28,7 +28,7 @@ EOT = "<|endoftext|>"
 RANKS_FILE = "ranks.tiktoken"
 REPLACEMENT = "\ufffd".encode()
 NUM_THREADS = max(1, min(8, os.cpu_count() or 1))  # for encode_batch
-_SPLIT_FREE_LOCK = threading.Lock()  # one look-ahead-free encoding per tokenizer
+_EXTRA_LOCK = threading.Lock()  # builds each tokenizer's extra encodings once
 
 # Split patterns copied from tiktoken_ext/openai_public.py (calling it would download).
 R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -139,7 +139,7 @@ class TiktokenTokenizer(Tokenizer):
         self.enc = enc
         self.vocab_size = enc.n_vocab
         self.eot_id = enc.eot_token
-        self._split_free = None  # built on first use by encode_arrays
+        self._extra: dict = {}  # encodings built on first use (split_free, markers)
 
     @classmethod
     def create(cls, arg: str, training_text: TextSource | None = None) -> TiktokenTokenizer:
@@ -187,7 +187,23 @@ class TiktokenTokenizer(Tokenizer):
         return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts, num_threads=NUM_THREADS)
+        """Many (short) texts: in groups, one per thread, each group joined into one call
+        (``markers.JoinedBatch``) instead of tiktoken's one thread-pool task per text."""
+        from minigpt_tokenizers.markers import JoinedBatch
+
+        batch = self._extra_encoding("joined", lambda: JoinedBatch(self.enc))
+
+        def group(part: list[str]) -> list[list[int]]:
+            ids = batch.encode(part)
+            if ids is None:
+                return [self.enc.encode_ordinary(t) for t in part]
+            return [a.tolist() for a in ids]
+        if len(texts) <= 1:
+            return [self.enc.encode_ordinary(t) for t in texts]
+        n = min(NUM_THREADS, len(texts))
+        parts = [texts[len(texts) * i // n:len(texts) * (i + 1) // n] for i in range(n)]
+        with ThreadPoolExecutor(n) as pool:
+            return [ids for part in pool.map(group, parts) for ids in part]
 
     def encode_arrays(self, texts: list[str]) -> list:
         """One thread per text, up to NUM_THREADS (tiktoken releases the GIL), straight
@@ -207,12 +223,19 @@ class TiktokenTokenizer(Tokenizer):
             return list(pool.map(one, texts))
 
     def _split_free_encoder(self):
+        """The look-ahead-free encoder of this encoding's pattern; None for other patterns."""
         from minigpt_tokenizers.split_free import SplitFreeEncoder
 
-        with _SPLIT_FREE_LOCK:
-            if self._split_free is None and self.enc._pat_str in LOOKAHEAD_FREE:
-                self._split_free = SplitFreeEncoder(self.enc, *LOOKAHEAD_FREE[self.enc._pat_str])
-            return self._split_free
+        if self.enc._pat_str not in LOOKAHEAD_FREE:
+            return None
+        return self._extra_encoding("split_free", lambda: SplitFreeEncoder(
+            self.enc, *LOOKAHEAD_FREE[self.enc._pat_str]))
+
+    def _extra_encoding(self, name: str, build):
+        with _EXTRA_LOCK:
+            if name not in self._extra:
+                self._extra[name] = build()
+            return self._extra[name]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
