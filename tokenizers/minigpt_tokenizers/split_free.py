@@ -47,10 +47,10 @@ _PLACES = {
 
 def _places(data: np.ndarray, newlines_apart: bool) -> np.ndarray:
     """Where markers go in the UTF-8 bytes ``data`` of a text whose spaces are all ASCII:
-    before the last character of every run of spaces whose last two are alike to the
-    pattern and that a non-space follows; with ``newlines_apart``, also after the run's
-    last newline, if it has one, since cl100k's ``\\s++$`` would otherwise take the run's
-    end at a marker as the end of the text."""
+    before the last character of every run of spaces that a non-space follows and whose
+    last two characters the pattern treats alike (with ``newlines_apart``: neither is a
+    newline); with ``newlines_apart``, also after such a run's last newline, if it has one,
+    since cl100k's ``\\s++$`` would otherwise take the marker for the end of the text."""
     space = ascii_white_space(data)
     alike = space & (data != 10) & (data != 13) if newlines_apart else space
     last = np.flatnonzero(alike[:-2] & alike[1:-1] & ~space[2:]) + 1
