@@ -23,7 +23,7 @@ from minigpt_cli import paths
 from minigpt_cli.data.source import DataSource
 from minigpt_cli.errors import DataError
 from minigpt_cli.fileio import atomic_open, atomic_write
-from minigpt_cli.spaces import has_wide_space
+from minigpt_cli.spaces import ascii_white_space, has_wide_space
 
 TOKEN_CACHE_VERSION = 2  # 2: chunks cut only where the ids do not change
 
@@ -156,7 +156,7 @@ def _count_words(text: str, data: bytes) -> int:
     array = np.frombuffer(data, dtype=np.uint8)
     if has_wide_space(array):
         return len(text.split())
-    space = ((array - 9) < 5) | ((array - 28) < 5)  # str.split's: 9-13, 28-32
+    space = ascii_white_space(array) | ((array - 28) < 4)  # and str.split's 28-31
     return int(np.count_nonzero(space[:-1] & ~space[1:])) + (not space[0])
 
 

@@ -48,9 +48,10 @@ O200K_PAT = "|".join([
 
 # Each pattern without its look-ahead, for minigpt_tokenizers.split_free, and whether it ends
 # a piece at a run's last newline (True) before anything else happens to the run
+_R50K_FREE = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"""
 LOOKAHEAD_FREE = {
-    R50K_PAT: (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+""", False),
-    R50K_PAT_OLD: (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+""", False),
+    R50K_PAT: (_R50K_FREE, False),
+    R50K_PAT_OLD: (_R50K_FREE, False),
     CL100K_PAT: (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+""", True),
     O200K_PAT: (O200K_PAT.replace(r"""|\s+(?!\S)|\s+""", r"""|\s+"""), True),
