@@ -80,6 +80,7 @@ def test_sentencepiece_ids_are_those_of_one_encode(tmp_path, text, small_chunks)
 
 @pytest.mark.parametrize("sample", [
     "", " ", "a", "a b", " a  b ", "x\u00a0y", "x\u3000y\u2003", "\x1c a\x1fb\x85c",
+    "\x1c a\x1fb\x1d\x1ec é",
     "naïve café ünïcode", TRICKY,
 ])
 def test_words_are_counted_as_str_split_does(sample):
