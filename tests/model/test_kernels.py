@@ -112,6 +112,19 @@ def test_explicit_attention_is_sdpa_when_nothing_is_dropped(toy_gpt):
     k2, v2 = torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 8)
     torch.testing.assert_close(math_attention(q, k2, v2, mask, False),
                                F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask))
+    torch.testing.assert_close(math_attention(q, k2, v2, None, False),
+                               F.scaled_dot_product_attention(q, k2, v2))
+    rows = torch.arange(12) < torch.tensor([5, 12])[:, None]  # each row's own length
+    rows = rows[:, None, None]  # (B, 1, 1, S), as batched decoding makes it
+    torch.testing.assert_close(math_attention(q, k2, v2, rows, False),
+                               F.scaled_dot_product_attention(q, k2, v2, attn_mask=rows))
+    # the same gradients, from non-contiguous inputs as the model's heads are
+    qkv = torch.randn(2, 9, 3, 4, 8, requires_grad=True)
+    q3, k3, v3 = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    grads = [torch.autograd.grad(f(q3, k3, v3).square().sum(), qkv)[0]
+             for f in (lambda *a: math_attention(*a, None, True),
+                       lambda *a: F.scaled_dot_product_attention(*a, is_causal=True))]
+    torch.testing.assert_close(*grads)
     model = toy_gpt(vocab_size=97, max_seq_length=16, num_heads=4, dropout=0.2).train()
     y = model(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16)))[1]
     assert torch.isfinite(y)
