@@ -106,6 +106,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             n = h_c.size(0)
             g = logits[:n]
             weight = (targets[i:i + n] != -1).unsqueeze(1).to(torch.float32)
+            ignored = bool((weight == 0).any())
             safe_t = targets[i:i + n].clamp(min=0).unsqueeze(1)
             for j in range(0, n, tile):
                 torch.mm(h_c[j:j + tile], w_c.t(), out=g[j:j + tile])
@@ -116,7 +117,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     total -= (p_target.log() * weight[rows]).sum()
                     if need_grad:
                         probs.scatter_add_(1, safe_t[rows], -weight[rows])  # softmax - one-hot
-                        g[rows].copy_(probs.mul_(weight[rows]))  # ignored rows: no gradient
+                        if ignored:  # ignored rows: no gradient
+                            probs.mul_(weight[rows])
+                        g[rows].copy_(probs)
             if need_grad:
                 grad_h[i:i + n] = (g @ w_c).to(h.dtype)
                 if need_grad_w:  # not for a frozen head (LoRA): the largest matmul saved
