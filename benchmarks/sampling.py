@@ -38,6 +38,8 @@ from minigpt_cli.generate.engine import Engine, GenerationResult
 from minigpt_cli.generate.quant import QUANTIZE_MODES, quantize_model
 from minigpt_cli.model.gpt import GPT
 
+TARGET_SPEEDUP = 5.0  # the engine against the nanoGPT way, batch 1
+TARGET_FIRST_S = 0.010  # the engine's first token
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 
 
@@ -176,6 +178,11 @@ def main() -> None:
         if "quantize" in name:
             print(f"{name}: {rate / base:.1f}x the nanoGPT way, {rate / engine:.2f}x the fp32 "
                   "engine")
+    first = firsts["engine (KV cache)"]
+    met = engine / base >= TARGET_SPEEDUP and first <= TARGET_FIRST_S
+    print(f"target: the engine >= {TARGET_SPEEDUP:g}x the nanoGPT way (best round) and first "
+          f"token <= {TARGET_FIRST_S * 1000:.0f} ms: {'met' if met else 'NOT met'} "
+          f"({engine / base:.1f}x, {first * 1000:.1f} ms)")
 
 
 def load() -> str:

@@ -88,8 +88,12 @@ def main() -> None:
         for r in rows:
             print(f"{r['name']:<22}{r['wall_s']:>8.1f}{r['val_loss']:>10.4f}")
         if len(rows) == 2:
-            print(f"time ratio {rows[1]['wall_s'] / rows[0]['wall_s']:.2f}, "
+            ratio = rows[1]["wall_s"] / rows[0]["wall_s"]
+            print(f"time ratio {ratio:.2f}, "
                   f"val loss {rows[1]['val_loss'] - rows[0]['val_loss']:+.4f}")
+            met = ratio <= 0.5 and rows[1]["val_loss"] <= rows[0]["val_loss"]
+            print(f"target: at most half the recipe's wall time with a validation loss at least "
+                  f"as good: {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
+TARGET_MFU = 0.70  # of the measured matmul peak of the precision in use
+
+
 # ---- the straightforward baseline ---------------------------------------------------------
 
 def baseline_worker(args) -> dict:
@@ -252,6 +255,8 @@ def main() -> None:
         mfu = r["tokens_per_sec"] * fpt / (peaks[prec] * 1e9)
         print(f"{name:<30}{r['tokens_per_sec']:>10,.0f}{mfu:>8.1%}{r['peak_mib']:>10,.0f}")
     print(f"speed-up: {mine['tokens_per_sec'] / base['tokens_per_sec']:.2f}x")
+    print(f"target: >= {TARGET_MFU:.0%} MFU of the {mine['precision']} matmul peak: "
+          f"{'met' if mfu >= TARGET_MFU else 'NOT met'} ({mfu:.1%})")
 
 
 if __name__ == "__main__":
