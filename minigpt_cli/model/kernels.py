@@ -124,7 +124,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 grad_h[i:i + n] = (g @ w_c).to(h.dtype)
                 if need_grad_w:  # not for a frozen head (LoRA): the largest matmul saved
                     h_t = h_c.t()
-                    if g.size(1) >= 32 * h_t.size(0):  # a wide head: the copy is negligible
+                    if h.device.type == "cpu" and g.size(1) >= 32 * h_t.size(0):
                         h_t = h_t.contiguous()  # 1.1x faster for 50257 x 256 than the view
                     part = h_t @ g
                     grad_wt = part if grad_wt is None else grad_wt.float().add_(part)
