@@ -26,6 +26,7 @@ SHARED = Path(os.environ.get("MINIGPT_SHARED_DIR",
                              Path(__file__).resolve().parents[2] / "shared"))
 TEXT = SHARED / "data" / "tinyshakespeare" / "input.txt"
 RANKS = SHARED / "tokenizers" / "gpt2.tiktoken"
+TARGET_MFU = 0.70  # of the measured matmul peak of the precision in use
 
 
 def peak_rss_mib() -> float:
@@ -34,9 +35,6 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-TARGET_MFU = 0.70  # of the measured matmul peak of the precision in use
 
 
 # ---- the straightforward baseline ---------------------------------------------------------
