@@ -274,6 +274,8 @@ try:
 except MiniGPTError as e:
     print(type(e).__name__, e.message)
     sys.exit(1)
+finally:  # as `minigpt train` does: exiting with gloo's threads alive can abort the process
+    distributed.cleanup()
 """
 
 
