@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minigpt_cli.errors import MiniGPTError
-from minigpt_cli.generate.cache import SMALL_STEP, one_thread
+from minigpt_cli.generate.cache import SMALL_STEP, decoding_layout, one_thread
 from minigpt_cli.generate.decoding import (
     REPETITION_WINDOW,
     SamplingSettings,
@@ -148,6 +148,7 @@ class Scheduler:
         self.capacity = model.config.max_seq_length
         self.keep = max(1, self.capacity // 2)  # tokens a full row keeps when it slides
         self.device = model.lm_head.weight.device
+        decoding_layout(model)  # in place, as the engine does
         self.exact = DecodingHead(model, quantize=False)
         self.head = self.exact if exact_head else DecodingHead(model, quantize=True)
         self.vocab = tokenizer.vocab_size

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minigpt_cli.generate.cache import CachedLM, one_thread
+from minigpt_cli.generate.cache import CachedLM, decoding_layout, one_thread
 from minigpt_cli.generate.decoding import REPETITION_WINDOW, SamplingSettings, sample_next
 from minigpt_cli.generate.quant import DecodingHead
 from minigpt_cli.generate.text import StopFilter, TextStream
@@ -107,7 +107,9 @@ class Engine:
 
     The model should be in eval mode. On the CPU the engine keeps a copy of the output
     head, int8 unless ``exact_head`` (see ``DecodingHead``); greedy decoding always uses
-    an exact one. Make a new engine after the weights change.
+    an exact one. It also lays the model's layers out for one-token steps, in place with
+    the values unchanged (see ``decoding_layout``). Make a new engine after the weights
+    change.
     """
 
     def __init__(self, model: GPT, tokenizer, device: torch.device | str | None = None,
@@ -117,6 +119,7 @@ class Engine:
         self.device = torch.device(device) if device is not None else \
             next(model.parameters()).device
         self.context_length = model.config.max_seq_length
+        decoding_layout(model)
         self.head = DecodingHead(model, quantize=not exact_head)
         self._exact_head = self.head if self.head.exact else None
         extra = model.config.vocab_size - tokenizer.vocab_size

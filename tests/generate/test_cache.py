@@ -9,6 +9,7 @@ import torch
 from minigpt_cli.generate import cache, quant
 from minigpt_cli.generate.cache import CachedLM
 from minigpt_cli.generate.decoding import SamplingSettings
+from minigpt_cli.generate.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread is fastest
 
@@ -37,6 +38,33 @@ def test_cached_logits_equal_full_forward_at_every_step_across_the_window(toy_mo
     with torch.inference_mode():
         torch.testing.assert_close(logits, toy_model(seq[:, -n:])[0][:, -1], atol=1e-5, rtol=1e-5)
     assert lm.slides == 4 and seq.size(1) == 90
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decoding_layout_keeps_every_value_and_lays_the_layers_out_in_by_out(toy_gpt, byte_tok,
+                                                                            tie):
+    model = toy_gpt(tie_embeddings=tie)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, 257, (2, 9))
+    with torch.inference_mode():
+        reference = model(idx)[0]
+    Engine(model, byte_tok)  # lays the model out
+    cache.decoding_layout(model)  # a second time changes nothing
+    linears = [m for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    assert len(linears) == 4 * model.config.num_layers  # attention's two, the MLP's two
+    for m in linears:  # (out, in) shape, (in, out) memory
+        assert m.weight.shape == (m.out_features, m.in_features)
+        assert m.weight.t().is_contiguous() and not m.weight.is_contiguous()
+    # the head and the embeddings stay as they were: a lookup reads rows
+    assert model.lm_head.weight.is_contiguous() and model.transformer.wte.weight.is_contiguous()
+    assert model.tied == tie
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx)[0], reference, atol=1e-5, rtol=1e-5)
 
 
 def test_small_steps_run_on_one_thread_and_restore_the_setting(toy_model, byte_tok, monkeypatch,
