@@ -10,7 +10,8 @@ other processes take on a loaded machine).
 Then the decoding head (``DecodingHead``: the head's int8 copy, on all threads, as decoding
 runs it) at batch 1, 4, 8 and 16, with each int8 kernel this machine has: the weight-only
 ``int8pack`` (bf16 activations) and, on CPUs with VNNI or AMX, ``int8xint8`` (activations
-split into two int8 parts); beside them the exact fp32 copy, and each kernel's largest
+split into two int8 parts) through ``torch._int_mm`` and through weights prepacked by oneDNN
+(``int8xint8-prepacked``, the same sums); beside them the exact fp32 copy, and each kernel's largest
 error as a fraction of the largest exact logit.
 
 Usage: python benchmarks/quant_kernels.py [--threads 1] [--calls 300] [--head-threads N]

@@ -130,7 +130,7 @@ def test_exact_decoding_head_is_the_models_head(toy_model):
         torch.testing.assert_close(exact(x), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["int8xint8", "int8pack"])
+@pytest.mark.parametrize("kernel", ["int8xint8-prepacked", "int8xint8", "int8pack"])
 def test_int8_decoding_head_is_close_to_the_exact_head(toy_model, kernel):
     head = quant.DecodingHead(toy_model, quantize=True, kernels=[kernel])
     if head.mode != "int8":
@@ -147,6 +147,36 @@ def test_int8_decoding_head_is_close_to_the_exact_head(toy_model, kernel):
     assert head.kernel == kernel
     scale = ref.abs().max()
     assert (got - ref).abs().max() < 0.02 * scale
+
+
+def test_prepacked_int8_products_are_bit_for_bit_those_of_int_mm(toy_model):
+    head = quant.DecodingHead(toy_model, quantize=True, kernels=["int8xint8-prepacked"])
+    if head.mode != "int8":
+        pytest.skip("no prepacked int8 x int8 kernel on this CPU or build")
+    plain = quant.DecodingHead(toy_model, quantize=True, kernels=["int8xint8"])
+    assert plain.kernel == "int8xint8" and not hasattr(head, "q")  # one int8 copy each
+    torch.manual_seed(2)
+    C = toy_model.config.embed_dim
+    for rows in (1, 2, 5, 8, 17):
+        x = torch.randn(rows, C) * torch.logspace(-3, 3, rows)[:, None]
+        x[0] = 1.0  # 255 in every unsigned byte
+        with torch.inference_mode():
+            assert torch.equal(head(x), plain(x)), rows
+
+
+def test_an_int8_kernel_that_fails_here_is_not_chosen(toy_model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this CPU")
+
+    monkeypatch.setattr(torch, "_int_mm", broken)
+    head = quant.DecodingHead(toy_model, quantize=True, kernels=["int8xint8"])
+    assert head.mode == "fp32" and head.exact and not hasattr(head, "q")
+    # nothing to try (a build without int8 kernels): the exact fp32 head too
+    assert quant.DecodingHead(toy_model, quantize=True, kernels=[]).mode == "fp32"
+    x = torch.randn(2, toy_model.config.embed_dim)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(
+            x, toy_model.lm_head.weight), atol=1e-5, rtol=1e-5)
 
 
 def test_int8_by_int8_keeps_about_15_bits_of_the_activations():
