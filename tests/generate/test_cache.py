@@ -3,6 +3,8 @@ for small steps."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -41,30 +43,61 @@ def test_cached_logits_equal_full_forward_at_every_step_across_the_window(toy_mo
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_decoding_layout_keeps_every_value_and_lays_the_layers_out_in_by_out(toy_gpt, byte_tok,
-                                                                            tie):
+def test_decoding_layout_keeps_every_value_and_lays_the_layers_out_for_decoding(toy_gpt, byte_tok,
+                                                                                tie):
     model = toy_gpt(tie_embeddings=tie)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     idx = torch.randint(0, 257, (2, 9))
     with torch.inference_mode():
         reference = model(idx)[0]
     Engine(model, byte_tok)  # lays the model out
-    cache.decoding_layout(model)  # a second time changes nothing
-    linears = [m for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
-    assert len(linears) == 4 * model.config.num_layers  # attention's two, the MLP's two
-    for m in linears:  # (out, in) shape, (in, out) memory
+    cache.decoding_layout(model)  # a second time packs the weights again, as they are
+    layers = [m for m in model.modules() if isinstance(m, cache.DecodingLinear)]
+    assert len(layers) == 4 * model.config.num_layers  # attention's two, the MLP's two
+    for m in layers:  # (out, in) shape, (in, out) memory
         assert m.weight.shape == (m.out_features, m.in_features)
         assert m.weight.t().is_contiguous() and not m.weight.is_contiguous()
     # the head and the embeddings stay as they were: a lookup reads rows
-    assert model.lm_head.weight.is_contiguous() and model.transformer.wte.weight.is_contiguous()
-    assert model.tied == tie
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.is_contiguous()
+    assert model.transformer.wte.weight.is_contiguous() and model.tied == tie
     after = model.state_dict()
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
-    with torch.inference_mode():
+    with torch.inference_mode():  # several rows take the prepacked weights where there are
         torch.testing.assert_close(model(idx)[0], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_decoding_linear_gives_the_layers_products_one_row_or_many(monkeypatch):
+    torch.manual_seed(3)
+    plain = torch.nn.Linear(48, 80)
+    layer = cache.DecodingLinear(plain)
+    assert layer.weight is plain.weight and layer.bias is plain.bias
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, plain.weight, plain.bias)
+        for rows in (x[:1, :1], x[:1], x):  # one row; several; a batch of several
+            torch.testing.assert_close(layer(rows), ref[:rows.size(0), :rows.size(1)],
+                                       atol=1e-5, rtol=1e-5)
+    if layer.packed is None:
+        pytest.skip("no oneDNN prepacked linear in this PyTorch build")
+    used = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: used.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        layer(x[:1, :1])
+        layer(x)
+    assert used == [x.shape]  # one row takes the dense weight, several the prepacked one
+    monkeypatch.undo()
+    # training sees the plain layer: gradients flow, the prepacked copy is not used
+    out = layer(x).sum()
+    out.backward()
+    assert plain.weight.grad is not None
+    twin = copy.deepcopy(layer)  # the prepacked copy is rebuilt, not copied
+    assert twin.packed is not None and twin.weight is not layer.weight
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), layer(x))
 
 
 def test_small_steps_run_on_one_thread_and_restore_the_setting(toy_model, byte_tok, monkeypatch,
