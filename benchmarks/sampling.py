@@ -120,6 +120,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50257, dropout=0.0)).to(device).eval()
+    # the engine lays its model out for decoding, in place: the full forwards and the
+    # quantised copies take a plain twin, as a model fresh from a checkpoint is
+    plain = copy.deepcopy(model)
     tok, tok_name = gpt2_tokenizer()
     settings = SamplingSettings(max_new_tokens=args.tokens, temperature=args.temperature,
                                 seed=1234)
@@ -133,7 +136,7 @@ def main() -> None:
 
     quantized = {}  # mode -> (model, seconds quantize_model took)
     for mode in QUANTIZE_MODES if device.type == "cpu" else ():
-        copied = copy.deepcopy(model)
+        copied = copy.deepcopy(plain)
         t0 = time.perf_counter()
         quantized[mode] = quantize_model(copied, mode), time.perf_counter() - t0
     ways = {
@@ -142,8 +145,8 @@ def main() -> None:
         **{f"engine, --quantize {mode}": (lambda s, m=m, q=q: run_engine(m, tok, s, device,
                                                                           setup=q))
            for mode, (m, q) in quantized.items()},
-        "nanoGPT way (full forward)": lambda s: run_full_forward(model, tok, s, device, True),
-        "all logits (full forward)": lambda s: run_full_forward(model, tok, s, device, False),
+        "nanoGPT way (full forward)": lambda s: run_full_forward(plain, tok, s, device, True),
+        "all logits (full forward)": lambda s: run_full_forward(plain, tok, s, device, False),
     }
     rates, firsts, ratios = {}, {}, []
     for fn in ways.values():
