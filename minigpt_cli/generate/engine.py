@@ -107,8 +107,8 @@ class Engine:
 
     The model should be in eval mode. On the CPU the engine keeps a copy of the output
     head, int8 unless ``exact_head`` (see ``DecodingHead``); greedy decoding always uses
-    an exact one. It also lays the model's layers out for one-token steps, in place with
-    the values unchanged (see ``decoding_layout``). Make a new engine after the weights
+    an exact one. It also lays the model's layers out for decoding, in place with the
+    values unchanged (see ``decoding_layout``). Make a new engine after the weights
     change.
     """
 

@@ -215,7 +215,6 @@ class DecodingHead:
             if quantize:
                 scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
                 self.q = torch.round(w / scales[:, None]).to(torch.int8).contiguous()
-                self.packed = None
                 for kernel in int8_kernels() if kernels is None else kernels:
                     self.kernel = kernel
                     self.scales = scales if kernel != "int8pack" else scales.to(torch.bfloat16)
@@ -224,8 +223,8 @@ class DecodingHead:
                         self._check_kernel(w.size(1))
                         return
                     except (RuntimeError, AttributeError):
-                        self.mode, self.packed = "model", None
-                for name in ("q", "scales", "kernel", "packed"):  # no int8 kernel runs here
+                        self.mode = "model"
+                for name in ("q", "scales", "kernel"):  # no int8 kernel runs here
                     self.__dict__.pop(name, None)
             self.t = w.t().contiguous()
             self.mode = "fp32"
@@ -237,10 +236,11 @@ class DecodingHead:
         if self.kernel != "int8xint8-prepacked":
             self(torch.zeros(1, width))
             return
-        self.packed = PrepackedInt8(self.q)
-        probe = torch.ones(1, width)
-        if not torch.equal(self(probe), int8_by_int8(probe, self.q, self.scales)):
+        packed, probe = PrepackedInt8(self.q), torch.ones(1, width)
+        if not torch.equal(int8_by_int8(probe, None, self.scales, packed),
+                           int8_by_int8(probe, self.q, self.scales)):
             raise RuntimeError("the prepacked int8 products differ from torch._int_mm's")
+        self.packed = packed
         del self.q  # the prepacked copy is all it needs
 
     @property
