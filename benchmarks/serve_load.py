@@ -3,29 +3,37 @@
 Builds a run of the ``small`` preset's model (random weights; GPT-2's tokenizer from
 ../shared when it is there, else bytes), starts ``minigpt serve`` on it, and for each level
 of concurrency prints aggregate tokens/s, per-stream tokens/s and p50/p95 time to first
-token. ``minigpt generate``'s single-stream speed on the same run is measured in the same
-run as the baseline (its engine warmed up in this process). Each round times the baseline
-and then every level, so that the slower spells of a shared machine fall on all of them
-alike; each figure is the best of ``--rounds``. Targets: 8 streams' aggregate >= 3x one
-stream's, and one stream no slower than ``generate``.
+token. The baseline is ``minigpt generate`` on the same run, timed in every round two ways:
+as a user runs it (a fresh process) and its engine warmed up in this process, which is
+stricter (a fresh process pays for its first steps). Each round times the baselines and
+then every level, so that the slower spells of a shared machine fall on all of them alike;
+the table gives the best of ``--rounds``, the one-stream ratios are round by round. Each
+round starts a fresh server, as ``generate`` is a fresh process. Speeds
+are decoding speeds, the tokens after the first over the time after it, for the streams as
+for ``generate``: neither pays for its start (a connection, a prefill) in them. Targets: 8
+streams' aggregate >= 3x one stream's, and one stream no slower than ``generate``.
 
-The clients share the machine with the server. By default they read the streams over bare
-sockets and parse only the final usage event, so they cost the server's CPU next to
-nothing, as clients on other machines would; ``--client httpx`` parses every event with
-httpx instead (about 0.2-0.5 ms of CPU per token on a 2-core machine). Other processes on
-the machine make the figures noisy: the CPU and the load average are printed with them.
+The clients share the machine with the server, which a remote client would not. By
+default each stream is a ``curl`` process, which costs the server's CPU least: a wake-up of
+microseconds per chunk, and its own timings. ``--client raw`` reads the streams over bare
+sockets in this process's event loop instead (a Python wake-up per chunk, 2-5% of one
+stream's speed on a 2-core machine), and ``--client httpx`` parses every event with httpx
+(about 0.2-0.5 ms of CPU per token). Other processes on the machine make the figures
+noisy: the CPU and the load average are printed with them.
 
 Usage: python benchmarks/serve_load.py [--preset small] [--tokens 200] [--max-batch 16]
-       [--rounds 3] [--client raw|httpx]
+       [--rounds 3] [--client curl|raw|httpx]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -62,9 +70,16 @@ def make_run(root: Path, preset: str) -> Path:
     return run
 
 
+def decode_speed(tokens: int, elapsed: float, ttft: float) -> float:
+    """Tokens/s once the first token is out: the tokens after it over the time after it.
+    Every figure here is this, for the server's streams as for ``minigpt generate``, so
+    that neither counts its start-up (a prefill, a connection) against the other."""
+    return (tokens - 1) / (elapsed - ttft) if tokens > 1 and elapsed > ttft else 0.0
+
+
 def engine_speed(run: Path, tokens: int):
     """``minigpt generate``'s engine in this process, warmed up (a fresh CLI process pays
-    for its first steps too): a function that times one call, in tokens/s."""
+    for its first steps too): a function that times one call (``decode_speed``)."""
     import torch
 
     from minigpt_cli.device import configure_backends
@@ -81,19 +96,23 @@ def engine_speed(run: Path, tokens: int):
         settings = SamplingSettings(max_new_tokens=tokens, temperature=0.8, seed=next(calls))
         for event in engine.generate("Once upon a time", settings):
             if isinstance(event, GenerationResult):
-                return event.tokens_per_second
+                return decode_speed(event.generated_tokens, event.elapsed,
+                                    event.time_to_first_token)
         raise RuntimeError("no result")
 
     one_call()  # warm-up
     return one_call
 
 
-def generate_speed(run: Path, tokens: int) -> float:
+def generate_speed(run: Path, tokens: int, seed: int) -> float:
+    """``minigpt generate`` as a user runs it, a fresh process (``decode_speed``)."""
     out = subprocess.run([sys.executable, "-m", "minigpt_cli", "generate", "--model", str(run),
                           "--prompt", "Once upon a time", "--max-new-tokens", str(tokens),
-                          "--device", "cpu", "--seed", "1", "--json"],
+                          "--device", "cpu", "--seed", str(seed), "--json"],
                          capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["tokens_per_second"]
+    result = json.loads(out.stdout)
+    return decode_speed(result["generated_tokens"], result["elapsed_s"],
+                        result["time_to_first_token_s"])
 
 
 async def one_stream(client: httpx.AsyncClient, tokens: int, i: int) -> tuple[float, float, int]:
@@ -120,9 +139,7 @@ async def one_raw_stream(url: str, tokens: int, i: int) -> tuple[float, float, i
     the final usage event: a client that costs the shared CPU almost nothing, as one on
     another machine would."""
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": f"Once upon a time {i}", "max_tokens": tokens,
-                       "temperature": 0.8, "seed": i, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+    body = _body(tokens, i)
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
@@ -143,21 +160,51 @@ async def one_raw_stream(url: str, tokens: int, i: int) -> tuple[float, float, i
     return ttft or 0.0, elapsed, json.loads(usage[6:])["usage"]["completion_tokens"]
 
 
-async def level(url: str, clients: int, tokens: int, raw: bool = True) -> dict:
+def _body(tokens: int, i: int) -> bytes:
+    return json.dumps({"prompt": f"Once upon a time {i}", "max_tokens": tokens,
+                       "temperature": 0.8, "seed": i, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+
+
+async def one_curl_stream(url: str, tokens: int, i: int) -> tuple[float, float, int]:
+    """The same request through curl, a C program that costs the shared CPU least of all
+    (one wake-up of a few microseconds per chunk): its own timings, first byte and end."""
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sSN", "--fail", "-H", "Content-Type: application/json", "--data-binary",
+        "@-", "-w", "\n%{time_starttransfer} %{time_total}", f"{url}/v1/completions",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate(_body(tokens, i))
+    if proc.returncode:
+        raise RuntimeError(f"stream {i}: curl: {err.decode().strip()}")
+    lines = out.split(b"\n")
+    first, total = map(float, lines[-1].split())
+    usage = next(line for line in lines if line.startswith(b"data: {") and b'"usage"' in line)
+    return first, total, json.loads(usage[6:])["usage"]["completion_tokens"]
+
+
+async def level(url: str, clients: int, tokens: int, client: str = "raw") -> dict:
     t0 = time.perf_counter()
-    if raw:
-        results = await asyncio.gather(*(one_raw_stream(url, tokens, i) for i in range(clients)))
+    if client in ("raw", "curl"):
+        one = one_raw_stream if client == "raw" else one_curl_stream
+        results = await asyncio.gather(*(one(url, tokens, i) for i in range(clients)))
     else:
-        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-            results = await asyncio.gather(*(one_stream(client, tokens, i)
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+            results = await asyncio.gather(*(one_stream(http, tokens, i)
                                              for i in range(clients)))
     wall = time.perf_counter() - t0
     ttfts = sorted(r[0] for r in results)
     total = sum(r[2] for r in results)
     return {"clients": clients, "aggregate": total / wall,
-            "per_stream": statistics.mean(r[2] / (r[1] - r[0]) for r in results),
+            "per_stream": statistics.mean(decode_speed(r[2], r[1], r[0]) for r in results),
             "p50_ttft": statistics.median(ttfts),
             "p95_ttft": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+
+
+def _ratios(streams: list[dict], bases: list[float]) -> str:
+    ratios = sorted(r["per_stream"] / b for r, b in zip(streams, bases, strict=True))
+    return (", ".join(f"{x:.2f}" for x in ratios)
+            + f" (median {statistics.median(ratios):.2f}x)")
 
 
 def main() -> None:
@@ -167,9 +214,12 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--levels", default="1,4,8,16")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each level; the best counts")
-    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                    help="raw: a bare-socket client that costs the shared CPU almost nothing "
-                         "(default); httpx: parse every event, as a Python client does")
+    ap.add_argument("--client", choices=("curl", "raw", "httpx"),
+                    default="curl" if shutil.which("curl") else "raw",
+                    help="curl: one curl process per stream, which costs the shared CPU least "
+                         "(default where curl is installed); raw: a bare-socket client in "
+                         "this process (a Python wake-up per chunk); httpx: parse every "
+                         "event, as a Python client does")
     ap.add_argument("--stream-interval", type=float, default=None,
                     help="the server's --stream-interval (default: its own default)")
     args = ap.parse_args()
@@ -177,56 +227,66 @@ def main() -> None:
                                                      str(args.stream_interval)]
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp), args.preset)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "serve", "--model",
-                                   str(run), "--port", str(port), "--device", "cpu",
-                                   "--max-batch", str(args.max_batch), *extra],
-                                  stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    httpx.get(f"{url}/health", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            asyncio.run(level(url, 1, 16))  # warm-up
-            print(f"{args.preset} preset, {args.tokens} tokens per stream, {args.client} "
-                  f"clients, best of {args.rounds} rounds, load average {machine.load()}"
-                  + (f", --stream-interval {args.stream_interval}" if extra else ""))
-            print(f"CPU: {machine.cpu()}")
-            cli = generate_speed(run, args.tokens)
-            engine = engine_speed(run, args.tokens)
-            levels = [int(x) for x in args.levels.split(",")]
-            bases, runs = [], {n: [] for n in levels}
-            for _ in range(args.rounds):  # interleaved, so that a slower spell hits them all
-                bases.append(engine())
+        print(f"{args.preset} preset, {args.tokens} tokens per stream, {args.client} "
+              f"clients, best of {args.rounds} rounds, load average {machine.load()}"
+              + (f", --stream-interval {args.stream_interval}" if extra else ""))
+        print(f"CPU: {machine.cpu()}")
+        print("Speeds are decoding speeds: the tokens after the first over the time after "
+              "it, for the streams as for generate.")
+        engine = engine_speed(run, args.tokens)
+        levels = [int(x) for x in args.levels.split(",")]
+        clis, warm, runs = [], [], {n: [] for n in levels}
+        for r in range(args.rounds):  # interleaved, so that a slower spell hits them all
+            clis.append(generate_speed(run, args.tokens, seed=r))
+            warm.append(engine())
+            with server_process(run, args.max_batch, extra) as url:
                 for n in levels:
-                    runs[n].append(asyncio.run(level(url, n, args.tokens, args.client == "raw")))
-            base = max(bases)
-            print(f"minigpt generate (one stream): {cli:.1f} tokens/s as a fresh process, "
-                  f"{base:.1f} tokens/s warmed up (its engine, in process)")
-            rows = [max(runs[n], key=lambda r: r["aggregate"]) for n in levels]
-            for n, row in zip(levels, rows, strict=True):
-                print(f"{n:3d} streams: aggregate {row['aggregate']:7.1f} tokens/s, per stream "
-                      f"{row['per_stream']:6.1f} tokens/s, TTFT p50 {row['p50_ttft'] * 1000:6.0f}"
-                      f" ms, p95 {row['p95_ttft'] * 1000:6.0f} ms")
-            one = rows[0]["aggregate"]
-            eight = next((r["aggregate"] for r in rows if r["clients"] == 8), None)
-            if eight:
-                print(f"8 streams / 1 stream: {eight / one:.2f}x (target >= 3x); "
-                      f"1 stream / generate: {rows[0]['per_stream'] / base:.2f}x (target >= 1)")
-            if levels[0] == 1:
-                ratios = sorted(r["per_stream"] / b for r, b in zip(runs[1], bases, strict=True))
-                print("1 stream / generate, round by round: "
-                      + ", ".join(f"{x:.2f}" for x in ratios)
-                      + f" (median {statistics.median(ratios):.2f}x)")
-            print(f"load average after: {os.getloadavg()[0]:.2f}")
-        finally:
-            server.terminate()
-            server.wait(30)
+                    runs[n].append(asyncio.run(level(url, n, args.tokens, args.client)))
+        print(f"minigpt generate (one stream): {max(clis):.1f} tokens/s as a fresh process "
+              f"(as a user runs it), {max(warm):.1f} tokens/s warmed up (its engine, in "
+              "this process)")
+        rows = [max(runs[n], key=lambda r: r["aggregate"]) for n in levels]
+        for n, row in zip(levels, rows, strict=True):
+            print(f"{n:3d} streams: aggregate {row['aggregate']:7.1f} tokens/s, per stream "
+                  f"{row['per_stream']:6.1f} tokens/s, TTFT p50 {row['p50_ttft'] * 1000:6.0f}"
+                  f" ms, p95 {row['p95_ttft'] * 1000:6.0f} ms")
+        one = rows[0]["aggregate"]
+        eight = next((r["aggregate"] for r in rows if r["clients"] == 8), None)
+        if eight:
+            print(f"8 streams / 1 stream: {eight / one:.2f}x (target >= 3x)")
+        if levels[0] == 1:
+            print("1 stream / minigpt generate, round by round (target >= 1): "
+                  + _ratios(runs[1], clis))
+            print("1 stream / generate's engine warmed up in process, round by round: "
+                  + _ratios(runs[1], warm))
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+@contextlib.contextmanager
+def server_process(run: Path, max_batch: int, extra: list[str]):
+    """A ``minigpt serve`` process on ``run``, up and warmed up: its URL. A fresh one each
+    round, as ``generate`` is: how fast a process decodes varies from process to process
+    on a shared machine (where its memory lands), and this spreads that over both alike."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "serve", "--model",
+                               str(run), "--port", str(port), "--device", "cpu",
+                               "--max-batch", str(max_batch), *extra],
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        asyncio.run(level(url, 1, 16, "raw"))  # warm-up
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 if __name__ == "__main__":
