@@ -52,6 +52,7 @@ class BatchRequest:
     presence_penalty: float = 0.0
     stop_ids: tuple[int, ...] = ()  # besides end-of-text: a chat template's end of turn
     reply: bool = False  # a chat reply: whitespace-only stops count after its first text
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ class _Row:
         self.counts = None
         if handle.request.frequency_penalty or handle.request.presence_penalty:
             self.counts = torch.zeros(tokenizer.vocab_size, device=device)
+        self.bias = None  # (token ids, their biases)
+        if handle.request.logit_bias:
+            bias = handle.request.logit_bias
+            self.bias = (torch.tensor(list(bias), dtype=torch.long, device=device),
+                         torch.tensor([list(bias.values())], device=device))
 
 
 def _take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -373,20 +379,22 @@ class Scheduler:
                 self._remove(i)
 
     def _draw(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """The next token of every row: rows with the same settings and no penalties in one
-        batch (each with its own generator, so a row's tokens never depend on the others),
-        the rest one by one."""
+        """The next token of every row: rows with the same settings and no penalties or
+        biases in one batch (each with its own generator, so a row's tokens never depend on
+        the others), the rest one by one."""
         tokens: list[int | None] = [None] * len(rows)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             req, s = r.handle.request, r.handle.request.settings
-            if r.recent is None and r.counts is None and s.top_p >= 1.0:
+            if r.recent is None and r.counts is None and r.bias is None and s.top_p >= 1.0:
                 groups.setdefault((s.temperature, s.top_k, s.min_p), []).append(i)
                 continue
-            row = logits[i:i + 1]
+            row = logits[i:i + 1].float()
             if r.counts is not None:  # OpenAI's penalties, over this row's generated tokens
                 row = row - req.frequency_penalty * r.counts \
                     - req.presence_penalty * (r.counts > 0).float()
+            if r.bias is not None:  # OpenAI's logit_bias
+                row = row.index_add(1, *r.bias)
             tokens[i] = int(sample_next(row, s, r.gen, r.recent)[0])
         for members in groups.values():
             settings = rows[members[0]].handle.request.settings

@@ -72,6 +72,54 @@ def _stops(body: dict) -> list[str]:
     return stops
 
 
+def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: token ids (as strings) to a bias in [-100, 100], added to
+    the logits before sampling."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise _bad("logit_bias", "must be an object mapping token ids to numbers",
+                   "invalid_type")
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab):
+            raise _bad("logit_bias", f"{key!r} is not a token id in [0, {vocab})")
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not -100 <= value <= 100:
+            raise _bad("logit_bias", f"the bias of token {key} must be a number between "
+                       f"-100 and 100, got {value!r}")
+        out[int(key)] = float(value)
+    return out or None
+
+
+def _refuse_unsupported(body: dict, chat: bool) -> None:
+    """Parameters whose meaning this server cannot honour are refused, not ignored: a
+    client that asks for JSON or a tool call must not get free text as if it were."""
+    def unsupported(param: str, message: str) -> ApiError:
+        return _bad(param, message, "unsupported_parameter")
+
+    if chat:
+        for key in ("tools", "functions"):
+            if body.get(key):
+                raise unsupported(key, "function calling is not supported by this server")
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise unsupported("tool_choice", "function calling is not supported by this "
+                              "server")
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise unsupported("response_format", 'only {"type": "text"} is supported')
+        modalities = body.get("modalities")
+        if modalities is not None and modalities != ["text"]:
+            raise unsupported("modalities", 'only ["text"] is supported')
+        return
+    if body.get("suffix") not in (None, ""):
+        raise unsupported("suffix", "is not supported (the model only continues a prompt)")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != (body.get("n") or 1):
+        raise unsupported("best_of", "is not supported; leave it out (or equal to n)")
+
+
 @dataclass
 class Generation:
     """One API call, checked: its prompts (token ids) and how to decode them."""
@@ -87,16 +135,17 @@ class Generation:
     prompt_texts: list[str] = field(default_factory=list)
     stop_ids: tuple[int, ...] = ()
     reply: bool = False  # chat: replies, see StopFilter
+    logit_bias: dict[int, float] | None = None
 
     def requests(self) -> list[BatchRequest]:
         return [BatchRequest(p, self.settings, self.logprobs, self.echo,
                              self.frequency_penalty, self.presence_penalty, self.stop_ids,
-                             self.reply)
+                             self.reply, self.logit_bias)
                 for p in self.prompts]
 
 
 def _sampling(body: dict, *, max_batch: int, default_max: int, min_tokens: int,
-              stops: list[str]) -> tuple[SamplingSettings, dict]:
+              stops: list[str], vocab: int) -> tuple[SamplingSettings, dict]:
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = _number(body, key, default_max, min_tokens, 1_000_000, integer=True)
@@ -119,7 +168,8 @@ def _sampling(body: dict, *, max_batch: int, default_max: int, min_tokens: int,
         stream=_bool(body, "stream"),
         include_usage=_bool(options or {}, "include_usage"),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2))
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
+        logit_bias=_logit_bias(body, vocab))
     return settings, extra
 
 
@@ -170,10 +220,11 @@ def _prompt_ids(prompt: Any, tokenizer, context: int) -> list[list[int]]:
 
 
 def parse_completion(body: dict, tokenizer, context: int, max_batch: int) -> Generation:
+    _refuse_unsupported(body, chat=False)
     prompts = _prompt_ids(body.get("prompt"), tokenizer, context)
     echo = _bool(body, "echo")
     settings, extra = _sampling(body, max_batch=max_batch, default_max=16, min_tokens=0,
-                                stops=_stops(body))
+                                stops=_stops(body), vocab=tokenizer.vocab_size)
     if settings.max_new_tokens == 0 and not echo:
         raise _bad("max_tokens", "must be at least 1 (0 is only for echo: true)")
     logprobs = _number(body, "logprobs", None, 0, 20, integer=True)
@@ -213,6 +264,7 @@ def render_chat(messages: list[tuple[str, str]], template: Template,
 
 def parse_chat(body: dict, tokenizer, context: int, max_batch: int,
                template: Template) -> Generation:
+    _refuse_unsupported(body, chat=True)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "must be a non-empty list of messages", "invalid_type")
@@ -231,7 +283,8 @@ def parse_chat(body: dict, tokenizer, context: int, max_batch: int,
     ids, stops, stop_ids = render_chat(parsed, template, tokenizer)
     ids = _check_length(ids or [tokenizer.eot_id], "messages", context)
     settings, extra = _sampling(body, max_batch=max_batch, default_max=context,
-                                min_tokens=1, stops=stops + _stops(body))
+                                min_tokens=1, stops=stops + _stops(body),
+                                vocab=tokenizer.vocab_size)
     logprobs = None
     if _bool(body, "logprobs"):
         logprobs = _number(body, "top_logprobs", 0, 0, 20, integer=True)

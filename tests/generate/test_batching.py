@@ -115,6 +115,34 @@ def test_a_request_ends_at_its_stop_ids(toy_gpt, byte_tok, one_thread):
     assert got[-1] == Done(len(ids), first + 1)
 
 
+def test_logit_bias_bans_and_forces_tokens_in_its_row_only(toy_gpt, byte_tok, one_thread):
+    """OpenAI's logit_bias: -100 keeps a token out (greedy picks the next best), +100 makes
+    it all but certain even when sampling; the other rows of the batch are unaffected."""
+    model = toy_gpt(seed=1, max_seq_length=64)
+    ids = byte_tok.encode("hello")
+    greedy = SamplingSettings(max_new_tokens=10, temperature=0)
+    sampled = SamplingSettings(max_new_tokens=10, temperature=1.0, seed=3)
+
+    def tokens(events):
+        return [e.info.token for e in drain(events) if isinstance(e, Token)]
+
+    scheduler = Scheduler(model, byte_tok, max_batch=4)
+    try:
+        free = tokens(collect(scheduler, BatchRequest(ids, greedy))[1])
+        free_sampled = tokens(collect(scheduler, BatchRequest(ids, sampled))[1])
+        banned = free[0]
+        forced = next(t for t in range(ord("a"), ord("z")) if t not in free[:1])
+        runs = [collect(scheduler, BatchRequest(ids, greedy, logit_bias={banned: -100.0}))[1],
+                collect(scheduler, BatchRequest(ids, sampled, logit_bias={forced: 100.0}))[1],
+                collect(scheduler, BatchRequest(ids, sampled))[1]]
+        got = [tokens(events) for events in runs]
+    finally:
+        scheduler.close()
+    assert banned not in got[0] and got[0][0] != free[0]
+    assert got[1] == [forced] * 10
+    assert got[2] == free_sampled  # decoded beside the biased rows, as if alone
+
+
 def test_echo_reports_the_prompts_log_probabilities(toy_gpt, byte_tok, one_thread):
     model = toy_gpt(seed=2)
     ids = byte_tok.encode("some text to score")

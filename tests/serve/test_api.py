@@ -90,6 +90,13 @@ def test_echo_logprobs_equal_the_models_own(client, server, model, byte_tok):
     ({"prompt": "x", "stop": [1]}, 400, "stop"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "logit_bias": [1]}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"x1": 5}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"99999999": 5}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": "up"}}, 400, "logit_bias"),
+    ({"prompt": "x", "suffix": "the end"}, 400, "suffix"),
+    ({"prompt": "x", "best_of": 3}, 400, "best_of"),
 ])
 def test_bad_requests_get_an_openai_error_naming_the_field(server, body, status, param):
     r = httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers)
@@ -97,6 +104,44 @@ def test_bad_requests_get_an_openai_error_naming_the_field(server, body, status,
     error = r.json()["error"]
     assert error["param"] == param and param in error["message"]
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_logit_bias_through_the_client(client, server):
+    """+100 forces a token, -100 keeps one out; the ids are the tokenizer's (as strings)."""
+    kw = dict(model=server.model_id, prompt="abc", max_tokens=6)
+    forced = client.completions.create(**kw, temperature=1.0, seed=1,
+                                       logit_bias={str(ord("q")): 100})
+    assert forced.choices[0].text == "q" * 6
+    greedy = client.completions.create(**kw, temperature=0).choices[0].text
+    banned = client.completions.create(**kw, temperature=0,
+                                       logit_bias={str(ord(greedy[0])): -100})
+    assert greedy[0] not in banned.choices[0].text
+    chat = client.chat.completions.create(model=server.model_id, max_tokens=4, temperature=1.0,
+                                          messages=[{"role": "user", "content": "hi"}],
+                                          logit_bias={str(ord("z")): 100})
+    assert chat.choices[0].message.content == "z" * 4
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+])
+def test_chat_parameters_the_server_cannot_honour_are_refused(server, extra, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=server.headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["code"] == "unsupported_parameter"
+
+
+def test_chat_parameters_that_ask_for_plain_text_are_accepted(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "response_format": {"type": "text"}, "tool_choice": "none", "tools": [],
+            "modalities": ["text"], "user": "u", "parallel_tool_calls": False}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=server.headers)
+    assert r.status_code == 200, r.text
 
 
 def test_bad_chat_bodies(server):
