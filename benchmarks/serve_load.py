@@ -134,6 +134,18 @@ async def one_stream(client: httpx.AsyncClient, tokens: int, i: int) -> tuple[fl
     return ttft or 0.0, time.perf_counter() - t0, n
 
 
+def completion_tokens(lines: list[bytes], i: int) -> int:
+    """The completion tokens of a stream's final usage event (the last one that has it)."""
+    for line in reversed(lines):
+        if line.startswith(b"data: {"):
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                return event["usage"]["completion_tokens"]
+            if "error" in event:
+                raise RuntimeError(f"stream {i}: {event['error']['message']}")
+    raise RuntimeError(f"stream {i}: no usage event")
+
+
 async def one_raw_stream(url: str, tokens: int, i: int) -> tuple[float, float, int]:
     """The same request over a bare socket, reading the bytes as they come and parsing only
     the final usage event: a client that costs the shared CPU almost nothing, as one on
@@ -155,9 +167,7 @@ async def one_raw_stream(url: str, tokens: int, i: int) -> tuple[float, float, i
         parts.append(data)
     elapsed = time.perf_counter() - t0
     writer.close()
-    usage = next(line for line in b"".join(parts).split(b"\n")
-                 if line.startswith(b"data: {") and b'"usage"' in line)
-    return ttft or 0.0, elapsed, json.loads(usage[6:])["usage"]["completion_tokens"]
+    return ttft or 0.0, elapsed, completion_tokens(b"".join(parts).split(b"\n"), i)
 
 
 def _body(tokens: int, i: int) -> bytes:
@@ -179,8 +189,7 @@ async def one_curl_stream(url: str, tokens: int, i: int) -> tuple[float, float, 
         raise RuntimeError(f"stream {i}: curl: {err.decode().strip()}")
     lines = out.split(b"\n")
     first, total = map(float, lines[-1].split())
-    usage = next(line for line in lines if line.startswith(b"data: {") and b'"usage"' in line)
-    return first, total, json.loads(usage[6:])["usage"]["completion_tokens"]
+    return first, total, completion_tokens(lines, i)
 
 
 async def level(url: str, clients: int, tokens: int, client: str = "raw") -> dict:
