@@ -115,13 +115,17 @@ def generate_speed(run: Path, tokens: int, seed: int) -> float:
                         result["time_to_first_token_s"])
 
 
+def _body(tokens: int, i: int) -> dict:
+    """Stream i's request: a streamed completion of ``tokens`` tokens, with its usage."""
+    return {"prompt": f"Once upon a time {i}", "max_tokens": tokens, "temperature": 0.8,
+            "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+
+
 async def one_stream(client: httpx.AsyncClient, tokens: int, i: int) -> tuple[float, float, int]:
     """One streaming completion through httpx: (time to first token, seconds, tokens)."""
-    body = {"prompt": f"Once upon a time {i}", "max_tokens": tokens, "temperature": 0.8,
-            "seed": i, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, n = None, 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
+    async with client.stream("POST", "/v1/completions", json=_body(tokens, i)) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
@@ -151,7 +155,7 @@ async def one_raw_stream(url: str, tokens: int, i: int) -> tuple[float, float, i
     the final usage event: a client that costs the shared CPU almost nothing, as one on
     another machine would."""
     host, port = url.removeprefix("http://").split(":")
-    body = _body(tokens, i)
+    body = json.dumps(_body(tokens, i)).encode()
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
@@ -170,12 +174,6 @@ async def one_raw_stream(url: str, tokens: int, i: int) -> tuple[float, float, i
     return ttft or 0.0, elapsed, completion_tokens(b"".join(parts).split(b"\n"), i)
 
 
-def _body(tokens: int, i: int) -> bytes:
-    return json.dumps({"prompt": f"Once upon a time {i}", "max_tokens": tokens,
-                       "temperature": 0.8, "seed": i, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
-
-
 async def one_curl_stream(url: str, tokens: int, i: int) -> tuple[float, float, int]:
     """The same request through curl, a C program that costs the shared CPU least of all
     (one wake-up of a few microseconds per chunk): its own timings, first byte and end."""
@@ -184,7 +182,7 @@ async def one_curl_stream(url: str, tokens: int, i: int) -> tuple[float, float, 
         "@-", "-w", "\n%{time_starttransfer} %{time_total}", f"{url}/v1/completions",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate(_body(tokens, i))
+    out, err = await proc.communicate(json.dumps(_body(tokens, i)).encode())
     if proc.returncode:
         raise RuntimeError(f"stream {i}: curl: {err.decode().strip()}")
     lines = out.split(b"\n")

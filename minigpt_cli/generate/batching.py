@@ -389,7 +389,7 @@ class Scheduler:
             if r.recent is None and r.counts is None and r.bias is None and s.top_p >= 1.0:
                 groups.setdefault((s.temperature, s.top_k, s.min_p), []).append(i)
                 continue
-            row = logits[i:i + 1].float()
+            row = logits[i:i + 1]
             if r.counts is not None:  # OpenAI's penalties, over this row's generated tokens
                 row = row - req.frequency_penalty * r.counts \
                     - req.presence_penalty * (r.counts > 0).float()

@@ -93,31 +93,30 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
     return out or None
 
 
-def _refuse_unsupported(body: dict, chat: bool) -> None:
-    """Parameters whose meaning this server cannot honour are refused, not ignored: a
-    client that asks for JSON or a tool call must not get free text as if it were."""
-    def unsupported(param: str, message: str) -> ApiError:
-        return _bad(param, message, "unsupported_parameter")
+def _unsupported(param: str, message: str) -> ApiError:
+    """A parameter whose meaning this server cannot honour: refused, not ignored, so that
+    a client that asks for JSON or a tool call never gets free text as if it were."""
+    return _bad(param, message, "unsupported_parameter")
 
-    if chat:
-        for key in ("tools", "functions"):
-            if body.get(key):
-                raise unsupported(key, "function calling is not supported by this server")
-        if body.get("tool_choice") not in (None, "none", "auto"):
-            raise unsupported("tool_choice", "function calling is not supported by this "
-                              "server")
-        fmt = body.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise unsupported("response_format", 'only {"type": "text"} is supported')
-        modalities = body.get("modalities")
-        if modalities is not None and modalities != ["text"]:
-            raise unsupported("modalities", 'only ["text"] is supported')
-        return
+
+def _refuse_unsupported_chat(body: dict) -> None:
+    for key in ("tools", "functions"):
+        if body.get(key):
+            raise _unsupported(key, "function calling is not supported by this server")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "function calling is not supported by this server")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise _unsupported("response_format", 'only {"type": "text"} is supported')
+    if body.get("modalities") not in (None, ["text"]):
+        raise _unsupported("modalities", 'only ["text"] is supported')
+
+
+def _refuse_unsupported_completion(body: dict) -> None:
     if body.get("suffix") not in (None, ""):
-        raise unsupported("suffix", "is not supported (the model only continues a prompt)")
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != (body.get("n") or 1):
-        raise unsupported("best_of", "is not supported; leave it out (or equal to n)")
+        raise _unsupported("suffix", "is not supported (the model only continues a prompt)")
+    if body.get("best_of") not in (None, body.get("n") or 1):
+        raise _unsupported("best_of", "is not supported; leave it out (or equal to n)")
 
 
 @dataclass
@@ -220,7 +219,7 @@ def _prompt_ids(prompt: Any, tokenizer, context: int) -> list[list[int]]:
 
 
 def parse_completion(body: dict, tokenizer, context: int, max_batch: int) -> Generation:
-    _refuse_unsupported(body, chat=False)
+    _refuse_unsupported_completion(body)
     prompts = _prompt_ids(body.get("prompt"), tokenizer, context)
     echo = _bool(body, "echo")
     settings, extra = _sampling(body, max_batch=max_batch, default_max=16, min_tokens=0,
@@ -264,7 +263,7 @@ def render_chat(messages: list[tuple[str, str]], template: Template,
 
 def parse_chat(body: dict, tokenizer, context: int, max_batch: int,
                template: Template) -> Generation:
-    _refuse_unsupported(body, chat=True)
+    _refuse_unsupported_chat(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "must be a non-empty list of messages", "invalid_type")
