@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from minigpt_cli.chat.session import COMMANDS, SETTABLE, ChatSession, CommandResult
+from minigpt_cli.cli.ui import StreamWriter
 from minigpt_cli.generate.engine import Notice
 
 HISTORY_FILE = "chat_history"
@@ -39,16 +40,19 @@ def _show_result(console: Console, result: CommandResult) -> None:
 
 def _show_reply(session: ChatSession, message: str, console: Console, safe) -> None:
     pieces = session.respond(message)
+    out = StreamWriter(console, safe)
     shown = False
     try:
         for piece in pieces:
             if isinstance(piece, Notice):
+                out.flush()
                 _note(console, piece.message, ok=False)
             else:
                 text = piece if shown else piece.lstrip()  # no blank line before a reply
                 if text:
-                    console.out(safe(text), end="")
+                    out.write(text)
                     shown = True
+        out.flush()
         if shown:
             console.out("")
         else:  # e.g. the model went straight to the next "User:"
@@ -57,6 +61,7 @@ def _show_reply(session: ChatSession, message: str, console: Console, safe) -> N
             _note(console, session.stats_text())
     except KeyboardInterrupt:
         pieces.close()
+        out.flush()
         console.out("")
         _note(console, "(reply stopped)")
 

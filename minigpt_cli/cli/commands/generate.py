@@ -175,6 +175,7 @@ class StreamView:
         self.prompt = prompt
         self.num_samples = num_samples
         self.safe = ui.terminal_safe if console.is_terminal else (lambda s: s)
+        self.out = ui.StreamWriter(console, self.safe)
         self.current = -1
         self.waiting: dict[int, list[str]] = {}
         self.finished: set[int] = set()
@@ -182,26 +183,31 @@ class StreamView:
     def render(self, events) -> GenerationResult:
         from minigpt_cli.generate.engine import GenerationResult, Notice, SampleFinished, TextDelta
 
-        self._advance()
-        for event in events:
-            if isinstance(event, TextDelta):
-                if event.sample == self.current:
-                    self._write(event.text)
-                else:
-                    self.waiting.setdefault(event.sample, []).append(event.text)
-            elif isinstance(event, SampleFinished):
-                self.finished.add(event.sample)
-                if event.sample == self.current:
-                    self._advance()
-            elif isinstance(event, Notice):
-                ui.warn(event.message)
-            elif isinstance(event, GenerationResult):
-                return event
+        try:
+            self._advance()
+            for event in events:
+                if isinstance(event, TextDelta):
+                    if event.sample == self.current:
+                        self.out.write(event.text)
+                    else:
+                        self.waiting.setdefault(event.sample, []).append(event.text)
+                elif isinstance(event, SampleFinished):
+                    self.finished.add(event.sample)
+                    if event.sample == self.current:
+                        self._advance()
+                elif isinstance(event, Notice):
+                    self.out.flush()
+                    ui.warn(event.message)
+                elif isinstance(event, GenerationResult):
+                    return event
+        finally:  # the end, an error or Ctrl-C: nothing sampled stays unshown
+            self.out.flush()
         raise AssertionError("the engine ended without a result")
 
     def _advance(self) -> None:
         """Close the sample on screen; open the next, with whatever it has so far."""
         while True:
+            self.out.flush()
             if self.current >= 0:
                 self.console.out("")
             self.current += 1
@@ -212,13 +218,9 @@ class StreamView:
                 self.console.rule(Text(header), style="dim", align="left")
             if self.prompt:
                 self.console.out(self.safe(self.prompt), style="dim", end="")
-            self._write("".join(self.waiting.pop(self.current, [])))
+            self.out.write("".join(self.waiting.pop(self.current, [])))
             if self.current not in self.finished:
                 return
-
-    def _write(self, text: str) -> None:
-        if text:
-            self.console.out(self.safe(text), end="")
 
 
 def stats_line(result: GenerationResult) -> str:
