@@ -90,7 +90,7 @@ class StreamWriter:
     Text that comes sooner than that after the last write waits for the next piece or for
     ``flush``, which the caller runs before writing anything else and at the end. A fast
     model samples a token every millisecond or two: a write per token, each one drawn by
-    the terminal, cost ``generate`` some 12% of its speed on a 2-core machine. A slow
+    the terminal, cost ``generate`` about 13% of its speed on a 2-core machine. A slow
     model's tokens, further apart than the interval, are written as they come.
     """
 
