@@ -23,7 +23,7 @@ SETTING_FLAGS = {
     "model": "--model", "out": "--out", "device": "--device", "format": "--format",
     "dtype": "--dtype", "quantize": "--quantize", "adapter_only": "--adapter-only",
     "max_batch": "--max-batch", "max_queue": "--max-queue", "queue_timeout": "--queue-timeout",
-    "stream_interval": "--stream-interval",
+    "stream_interval": "--stream-interval", "cors_origin": "--cors-origin",
     "template": "--template", "host": "--host", "port": "--port",
 }
 

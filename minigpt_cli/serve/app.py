@@ -55,9 +55,19 @@ class ServedModel:
     stream_interval: float = 0.0  # seconds a stream waits after each chunk, letting tokens gather
 
 
-def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
+def create_app(served: ServedModel, api_key: str | None = None,
+               cors_origins: list[str] | tuple = ()) -> FastAPI:
+    """The API and the page. ``cors_origins``: web origins (or ``*``) whose pages may call
+    the API from a browser; none by default, so only the page served here can."""
     app = FastAPI(title="minigpt", docs_url=None, redoc_url=None, openapi_url=None)
     tok = served.tokenizer
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        # any request header: OpenAI's JavaScript client sends its own (x-stainless-...)
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["Retry-After"], max_age=600)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -49,9 +50,24 @@ def check_address(host: str, port: int) -> None:
                                setting="port") from e
 
 
+# An origin as browsers send it: a scheme and a host, with a port or not, and nothing after
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
+
+
+def check_origins(origins) -> list[str]:
+    """The web origins allowed to call the API from a browser: ``*`` or exact origins."""
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise MiniGPTError(f"cors_origin must be '*' or an origin such as "
+                               f"http://localhost:3000 (a scheme and a host, with no path), "
+                               f"got {origin!r}", setting="cors_origin")
+    return list(origins)
+
+
 def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
           queue_timeout: float, template: str | None, api_key: str | None,
-          quantize: str = "none", stream_interval: float = STREAM_INTERVAL):
+          quantize: str = "none", stream_interval: float = STREAM_INTERVAL,
+          cors_origins=()):
     """The FastAPI app for a run, with its scheduler started; returns (app, served)."""
     from minigpt_cli.chat.template import template_for_run
     from minigpt_cli.device import configure_backends, select_device
@@ -66,6 +82,7 @@ def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
     if not queue_timeout > 0:
         raise MiniGPTError(f"queue_timeout must be > 0, got {queue_timeout}",
                            setting="queue_timeout")
+    cors_origins = check_origins(cors_origins)
     if not 0 <= stream_interval <= 1:
         raise MiniGPTError(f"stream_interval must be between 0 and 1 second, got "
                            f"{stream_interval}", setting="stream_interval")
@@ -85,7 +102,7 @@ def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
                          loss if isinstance(loss, int | float) else None,
                          run.model.config.max_seq_length, max_batch, chat_template,
                          stream_interval)
-    return create_app(served, api_key), served
+    return create_app(served, api_key, cors_origins), served
 
 
 def serve(app, served, host: str, port: int, graceful_seconds: float = 5.0) -> None:

@@ -1,5 +1,5 @@
-"""``minigpt serve`` on the command line: bad options are one-line errors, the warning for
-every interface without a key, the port already taken."""
+"""``minigpt serve`` on the command line: bad options are one-line errors, the warnings for
+every interface or any web origin without a key, the port already taken."""
 
 from __future__ import annotations
 
@@ -12,10 +12,19 @@ import pytest
     (["--queue-timeout", "0"], "--queue-timeout"),
     (["--stream-interval", "2"], "--stream-interval"),
     (["--port", "70000"], "--port"),
+    (["--cors-origin", "localhost:3000"], "--cors-origin"),
+    (["--cors-origin", "http://localhost:3000/app"], "--cors-origin"),
 ])
 def test_bad_options_are_one_line_errors(cli, serve_run, args, needle):
     result = cli.invoke("serve", "--model", serve_run, "--device", "cpu", *args)
     cli.assert_one_line_error(result, needle)
+
+
+def test_any_origin_without_a_key_warns(start_server):
+    server = start_server("--cors-origin", "*")
+    code, err = server.stop()
+    assert "Warning:" in err and "--cors-origin '*' without --api-key" in err
+    assert code == 143 and "Traceback" not in err
 
 
 def test_a_missing_run_is_a_one_line_error(cli, tmp_path):

@@ -17,6 +17,8 @@ EXAMPLES = """Examples:
   minigpt serve --model runs/tiny --port 8080 --max-batch 16
 
   MINIGPT_API_KEY=secret minigpt serve --host 0.0.0.0
+
+  minigpt serve --cors-origin http://localhost:3000    # a web app there may call the API
 """
 
 
@@ -45,6 +47,10 @@ def serve(
     stream_interval: Annotated[float, typer.Option(
         "--stream-interval", help="Seconds a stream waits after each chunk, so that the "
         "tokens sampled meanwhile go out together; 0 sends every token alone.")] = 0.02,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", help="Let web pages from this origin (e.g. http://localhost:3000, "
+        "or '*' for any) call the API from a browser; repeatable. Off by default: only "
+        "the page served here can.")] = None,
     quantize: Quantize = "none",
     device: Device = "auto",
 ) -> None:
@@ -58,10 +64,13 @@ def serve(
     check_serve_deps()
     check_address(host, port)
     app, served = build(model, device, max_batch, max_queue, queue_timeout, template,
-                        api_key or None, quantize, stream_interval)
+                        api_key or None, quantize, stream_interval, cors_origin or ())
     if host in ("0.0.0.0", "::") and not api_key:
         ui.warn(f"listening on every interface ({host}) without --api-key: anyone who can "
                 "reach this machine can use the model")
+    if "*" in (cors_origin or ()) and not api_key:
+        ui.warn("--cors-origin '*' without --api-key: any web page open in a browser that "
+                "can reach this server can use the model")
     shown = f"[{host}]" if ":" in host else host
     ui.err_console.print(f"Serving [bold]{served.model_id}[/] (step {served.step}) at "
                          f"http://{shown}:{port} — Ctrl-C to stop", soft_wrap=True)
