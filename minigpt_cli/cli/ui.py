@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from minigpt_cli.cli.options import SETTING_FLAGS
 from minigpt_cli.errors import MiniGPTError
+from minigpt_cli.generate.text import STREAM_INTERVAL
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -22,9 +23,6 @@ for _c in (console, err_console):  # piped output: long lines stay whole, never 
     _c.soft_wrap = not _c.is_terminal
 
 F = TypeVar("F", bound=Callable)
-
-# Seconds between writes of streamed text: 50 updates a second read as continuous.
-STREAM_INTERVAL = 0.02
 
 
 def error_line(message: str, hint: str | None = None) -> None:

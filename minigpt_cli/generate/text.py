@@ -5,6 +5,12 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable
 
+# Seconds between deliveries of streamed text (to a terminal, or a server's stream): what is
+# sampled meanwhile goes out in one piece. 50 updates a second read as continuous, and the
+# reader (a terminal, an event loop sharing the CPU with decoding) wakes 50 times a second
+# instead of once per token.
+STREAM_INTERVAL = 0.02
+
 
 class TextStream:
     """Token ids in, text out as soon as it is whole characters; ``push``es plus ``flush``

@@ -6,14 +6,11 @@ import re
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from minigpt_cli.errors import MiniGPTError
-
-# Seconds a stream waits after sending a chunk, so the tokens sampled meanwhile go out
-# together: 50 updates a second look continuous, and the event loop (which shares the
-# CPU and Python's lock with decoding) wakes 50 times a second instead of once per token.
-STREAM_INTERVAL = 0.02
+from minigpt_cli.generate.text import STREAM_INTERVAL
 
 
 class Terminated(Exception):
@@ -54,7 +51,7 @@ def check_address(host: str, port: int) -> None:
 _ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
-def check_origins(origins) -> list[str]:
+def check_origins(origins: Sequence[str]) -> list[str]:
     """The web origins allowed to call the API from a browser: ``*`` or exact origins."""
     for origin in origins:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
@@ -67,7 +64,7 @@ def check_origins(origins) -> list[str]:
 def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
           queue_timeout: float, template: str | None, api_key: str | None,
           quantize: str = "none", stream_interval: float = STREAM_INTERVAL,
-          cors_origins=()):
+          cors_origins: Sequence[str] = ()):
     """The FastAPI app for a run, with its scheduler started; returns (app, served)."""
     from minigpt_cli.chat.template import template_for_run
     from minigpt_cli.device import configure_backends, select_device

@@ -9,6 +9,7 @@ import typer
 
 from minigpt_cli.cli import ui
 from minigpt_cli.cli.options import Device, ModelDir, Quantize
+from minigpt_cli.generate.text import STREAM_INTERVAL
 
 EXAMPLES = """Examples:
 
@@ -46,7 +47,8 @@ def serve(
              "Default: the one the run was fine-tuned with, else plain.")] = None,
     stream_interval: Annotated[float, typer.Option(
         "--stream-interval", help="Seconds a stream waits after each chunk, so that the "
-        "tokens sampled meanwhile go out together; 0 sends every token alone.")] = 0.02,
+        "tokens sampled meanwhile go out together; 0 sends every token alone.")
+    ] = STREAM_INTERVAL,
     cors_origin: Annotated[list[str] | None, typer.Option(
         "--cors-origin", help="Let web pages from this origin (e.g. http://localhost:3000, "
         "or '*' for any) call the API from a browser; repeatable. Off by default: only "
