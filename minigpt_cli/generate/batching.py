@@ -236,6 +236,7 @@ class Scheduler:
                 for handle in {r.handle for r in self.rows} | set(admit):
                     self._fail(handle, "error", f"generation failed: {e}")
                 self.rows.clear()
+                self.cache.reset()  # the next requests start from a clean cache
         for handle in [*{r.handle for r in self.rows}, *self.waiting]:
             self._fail(handle, "shutdown", "the server is shutting down")
         self.rows.clear()
@@ -348,9 +349,11 @@ class Scheduler:
             self.cache.length = lengths[0]
         else:
             self.cache.lengths = torch.tensor(lengths, device=self.device)
-        with one_thread(self.device.type == "cpu" and B <= SMALL_STEP):
-            x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
-        self.cache.lengths = None
+        try:
+            with one_thread(self.device.type == "cpu" and B <= SMALL_STEP):
+                x = self.model.features(idx, self.cache)[:, -1]  # (B, C)
+        finally:  # per-row lengths are this step's alone, even when it fails
+            self.cache.lengths = None
         for r in self.rows:
             r.length += 1
             r.window.append(r.next_token)
@@ -405,7 +408,7 @@ class Scheduler:
         return tokens
 
     def _needs_exact(self, r: _Row) -> bool:
-        return r.handle.request.logprobs is not None or r.handle.request.settings.temperature == 0
+        return r.handle.request.logprobs is not None or r.handle.request.settings.greedy
 
     def _advance(self, r: _Row, token: int, logits: torch.Tensor) -> None:
         """Report row r's next token (sampled from ``logits`` (1, V)) and see whether the

@@ -15,6 +15,9 @@ from minigpt_cli.errors import MiniGPTError
 
 REPETITION_WINDOW = 64  # the repetition penalty looks at this many most recent tokens
 TOP_P_CANDIDATES = 1024  # top-p first tries the nucleus among this many best tokens
+# A temperature below this decodes greedily (as vLLM does): dividing logits by less
+# overflows float32, and the distribution is one token anyway
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -37,6 +40,11 @@ class SamplingSettings:
             key, text = problem
             raise MiniGPTError(f"{key} {text}", setting=key)
         return self
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0, or one so small that sampling would pick the likeliest token."""
+        return self.temperature < GREEDY_BELOW
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,7 +83,7 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor,
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    assert temperature > 0, "temperature 0 is greedy decoding, handled by the caller"
+    assert temperature >= GREEDY_BELOW, "greedy decoding is handled by the caller"
     return logits / temperature
 
 
@@ -139,7 +147,7 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None,
 
 def filtered_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     """The distribution sampling draws from: temperature, top-k, top-p and min-p applied
-    to (B, V) float logits (``temperature`` > 0)."""
+    to (B, V) float logits (not greedy settings)."""
     logits = apply_temperature(logits, settings.temperature)
     logits = top_k_filter(logits, settings.top_k)
     logits = top_p_filter(logits, settings.top_p)
@@ -154,7 +162,7 @@ def sample_next(logits: torch.Tensor, settings: SamplingSettings,
     logits = logits.float()
     if recent is not None:
         logits = apply_repetition_penalty(logits, recent, settings.repetition_penalty)
-    if settings.temperature == 0:
+    if settings.greedy:
         return logits.argmax(-1)
     return sample_from(filtered_probs(logits, settings), generator)
 
@@ -168,7 +176,7 @@ def sample_rows(logits: torch.Tensor, settings: SamplingSettings,
     others."""
     assert settings.top_p >= 1.0, "top-p rows are sampled one at a time"
     logits = logits.float()
-    if settings.temperature == 0:
+    if settings.greedy:
         return logits.argmax(-1)
     if len(generators) == 1:
         draws = torch.rand((1, 1), generator=generators[0], device=logits.device)

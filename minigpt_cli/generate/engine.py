@@ -197,7 +197,7 @@ class Engine:
     def _head_for(self, settings: SamplingSettings) -> DecodingHead:
         """Greedy decoding takes the exact head: its argmax must be the model's own (as in
         transformers or llama.cpp), where int8 logits could flip a near tie."""
-        if settings.temperature > 0:
+        if not settings.greedy:
             return self.head
         if self._exact_head is None:
             self._exact_head = DecodingHead(self.model, quantize=False)

@@ -181,3 +181,53 @@ def test_a_cancelled_request_frees_its_rows_and_the_queue_is_bounded(toy_gpt, by
         assert isinstance(drain(after)[-1], Done)
     finally:
         scheduler.close()
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-6])
+def test_a_vanishing_temperature_decodes_greedily_beside_other_rows(toy_gpt, byte_tok,
+                                                                   temperature):
+    """A temperature too small to divide by is greedy decoding (as in vLLM), not NaN
+    probabilities that break the step for every row."""
+    model = toy_gpt(seed=1, max_seq_length=64)
+    ids = byte_tok.encode("hello")
+    scheduler = Scheduler(model, byte_tok, max_batch=2)
+    try:
+        greedy = drain(collect(scheduler, BatchRequest(ids, SamplingSettings(
+            max_new_tokens=12, temperature=0)))[1])
+        other = collect(scheduler, BatchRequest(ids, SamplingSettings(max_new_tokens=40,
+                                                                      seed=3)))[1]
+        tiny = drain(collect(scheduler, BatchRequest(ids, SamplingSettings(
+            max_new_tokens=12, temperature=temperature)))[1])
+        assert isinstance(drain(other)[-1], Done)
+    finally:
+        scheduler.close()
+    assert isinstance(tiny[-1], Done)
+    assert [e.info.token for e in tiny if isinstance(e, Token)] == \
+        [e.info.token for e in greedy if isinstance(e, Token)]
+
+
+def test_a_failed_step_fails_its_requests_and_the_next_ones_decode(toy_gpt, byte_tok,
+                                                                   monkeypatch):
+    model = toy_gpt(seed=1, max_seq_length=64)
+    scheduler = Scheduler(model, byte_tok, max_batch=2)
+    features, calls = model.features, []
+
+    def fail_once(idx, cache):
+        calls.append(idx.shape)
+        if len(calls) == 4:  # the second of two rows' steps: per-row lengths are set
+            raise RuntimeError("out of memory")
+        return features(idx, cache)
+
+    monkeypatch.setattr(model, "features", fail_once)
+    settings = SamplingSettings(max_new_tokens=30, temperature=0)
+    try:
+        first = collect(scheduler, BatchRequest(byte_tok.encode("hi"), settings))[1]
+        second = collect(scheduler, BatchRequest(byte_tok.encode("hello"), settings))[1]
+        for events in (first, second):
+            failed = drain(events)[-1]
+            assert isinstance(failed, Failed) and "out of memory" in failed.message
+        after = [drain(collect(scheduler, BatchRequest(byte_tok.encode(p), settings))[1])
+                 for p in ("hi", "a longer prompt")]
+    finally:
+        scheduler.close()
+    assert all(isinstance(events[-1], Done) for events in after)

@@ -134,3 +134,13 @@ def test_invalid_settings_name_the_setting_and_the_cli_names_its_flag(field, val
     assert e.value.setting == field and "\n" not in e.value.message
     assert e.value.renamed(SETTING_FLAGS).startswith(f"{flag} ")
     assert "--" not in e.value.message
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_a_vanishing_temperature_is_greedy(temperature):
+    logits = torch.randn(3, 500) * 20
+    settings = SamplingSettings(temperature=temperature)
+    assert settings.greedy and not SamplingSettings(temperature=1e-4).greedy
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, settings, gen), logits.argmax(-1))
+    assert torch.equal(sample_rows(logits, settings, [gen] * 3), logits.argmax(-1))
