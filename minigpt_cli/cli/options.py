@@ -24,7 +24,7 @@ SETTING_FLAGS = {
     "dtype": "--dtype", "quantize": "--quantize", "adapter_only": "--adapter-only",
     "max_batch": "--max-batch", "max_queue": "--max-queue", "queue_timeout": "--queue-timeout",
     "stream_interval": "--stream-interval", "cors_origin": "--cors-origin",
-    "template": "--template", "host": "--host", "port": "--port",
+    "template": "--template", "host": "--host", "port": "--port", "api_key": "--api-key",
 }
 
 # Sampling options, shared with ``minigpt chat``.

@@ -17,6 +17,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from minigpt_cli.chat.template import TEMPLATES, Template
 from minigpt_cli.generate.batching import (
@@ -31,6 +32,7 @@ from minigpt_cli.generate.batching import (
 from minigpt_cli.serve import api
 from minigpt_cli.serve.api import ApiError
 
+GET = ["GET", "HEAD"]  # HEAD answers as GET does, without the body (probes, curl -I)
 MAX_BODY = 1 << 20  # bytes in a request body
 WATCH_INTERVAL = 1.0  # seconds between checks that a client is still connected
 _GONE = object()  # the event that says the client went away
@@ -77,7 +79,7 @@ def create_app(served: ServedModel, api_key: str | None = None,
     async def http_error(request: Request, e: HTTPException):
         code = "not_found" if e.status_code == 404 else None
         return JSONResponse(ApiError(e.status_code, str(e.detail), None, code).body(),
-                            status_code=e.status_code)
+                            status_code=e.status_code, headers=e.headers)  # 405's Allow
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
@@ -87,26 +89,39 @@ def create_app(served: ServedModel, api_key: str | None = None,
     def authorize(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {api_key}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), api_key.encode()):
             raise ApiError(401, "invalid API key: send the header 'Authorization: Bearer KEY'",
                            None, "invalid_api_key")
 
     async def read_json(request: Request) -> dict:
         authorize(request)
+        # JSON only: a page of any other site may send a form or plain text without asking
+        # the browser first (no CORS preflight), and would then use the model unasked
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(415, f"the body must be JSON, sent with the header 'Content-Type: "
+                           f"application/json' (got {media or 'none'!r})", None,
+                           "unsupported_media_type")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             raise _too_large()
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_BODY:
-                raise _too_large()
+        try:
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > MAX_BODY:
+                    raise _too_large()
+        except ClientDisconnect:  # nobody is left to answer
+            raise ApiError(499, "the client closed the connection", None, "cancelled") from None
         try:
             body = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from e
+        except RecursionError:
+            raise ApiError(400, "the body is not valid JSON: nested too deeply", None,
+                           "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
         return body
@@ -116,17 +131,17 @@ def create_app(served: ServedModel, api_key: str | None = None,
                 "step": served.step, "val_loss": served.val_loss,
                 "context_length": served.context}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=GET)
     async def health():
         return {"status": "ok", "active": served.scheduler.active,
                 "queued": served.scheduler.queued}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=GET)
     async def models(request: Request):
         authorize(request)
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=GET)
     async def model(model_id: str, request: Request):
         authorize(request)
         api.check_model({"model": model_id}, served.model_id)
@@ -148,7 +163,7 @@ def create_app(served: ServedModel, api_key: str | None = None,
 
     # vLLM's tokenizer endpoints: evaluation harnesses (lm-eval's local-completions)
     # tokenize through them, so scores use exactly the server's tokens.
-    @app.get("/tokenizer_info")
+    @app.api_route("/tokenizer_info", methods=GET)
     async def tokenizer_info(request: Request):
         authorize(request)
         return {"eos_token": EOS_TOKEN, "bos_token": None, "pad_token": None,
@@ -177,7 +192,7 @@ def create_app(served: ServedModel, api_key: str | None = None,
         return {"prompt": tok.decode(ids)}
 
     for route, (name, media) in STATIC.items():
-        app.add_api_route(route, _static(name, media), methods=["GET"])
+        app.add_api_route(route, _static(name, media), methods=GET)
     return app
 
 
@@ -412,15 +427,22 @@ async def _completion_stream(served, gen, calls: _Calls, starts):
         return {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
                                      "finish_reason": reason}]}
 
+    offsets: dict[int, int] = {}  # where each choice's next token starts in its text
+
+    def logprobs(k, infos):
+        if gen.logprobs is None:
+            return None
+        lp = api.completion_logprobs(tok, infos, offsets.get(k, 0))
+        offsets[k] = offsets.get(k, 0) + sum(map(len, lp["tokens"]))
+        return lp
+
     if gen.echo:
         for k in range(len(starts) * n):
-            infos = starts[k // n].prompt
-            yield chunk(k, tok.decode(gen.prompts[k // n]), logprobs=api.completion_logprobs(
-                tok, infos) if gen.logprobs is not None else None)
+            yield chunk(k, tok.decode(gen.prompts[k // n]),
+                        logprobs=logprobs(k, starts[k // n].prompt))
     async for i, event in _coalesced(calls, gen):
         if isinstance(event, Token):
-            lp = api.completion_logprobs(tok, [event.info]) \
-                if gen.logprobs is not None else None
+            lp = logprobs(i * n + event.sample, [event.info])
             if event.text or lp:
                 yield chunk(i * n + event.sample, event.text, logprobs=lp)
         elif isinstance(event, SampleFinished):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import signal
 import socket
@@ -27,24 +28,41 @@ def check_serve_deps() -> None:
                            "pip install 'minigpt[serve]'") from e
 
 
-def check_address(host: str, port: int) -> None:
-    """Fail early, before a model loads, when the address cannot be listened on."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, made before the model loads: an address that
+    cannot be used fails early, port 0 gets a free port to print, and uvicorn serves on
+    this very socket (nothing can take the port in between)."""
     if not 0 <= port <= 65535:
         raise MiniGPTError(f"port must be between 0 and 65535, got {port}", setting="port")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise MiniGPTError(f"host {host} is not an address of this machine: {e.strerror}",
+    except (socket.gaierror, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, socket.gaierror) else "not a host name"
+        raise MiniGPTError(f"host {host} is not an address of this machine: {reason}",
                            setting="host") from e
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(address)
-        except OSError as e:
-            raise MiniGPTError(f"port {port} on {host} cannot be used: {e.strerror}",
-                               "is another server running there? pick another port",
-                               setting="port") from e
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's own backlog
+    except OSError as e:
+        sock.close()
+        raise MiniGPTError(f"port {port} on {host} cannot be used: {e.strerror}",
+                           "is another server running there? pick another port",
+                           setting="port") from e
+    return sock
+
+
+def every_interface(sock: socket.socket) -> bool:
+    """Whether the socket listens on every interface (0.0.0.0, ::, or a spelling of them
+    such as ``0``), not one address."""
+    return ipaddress.ip_address(sock.getsockname()[0]).is_unspecified
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 # An origin as browsers send it: a scheme and a host, with a port or not, and nothing after
@@ -80,6 +98,9 @@ def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
         raise MiniGPTError(f"queue_timeout must be > 0, got {queue_timeout}",
                            setting="queue_timeout")
     cors_origins = check_origins(cors_origins)
+    if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):
+        raise MiniGPTError("api_key must be printable ASCII with no spaces: an HTTP header "
+                           "cannot carry anything else", setting="api_key")
     if not 0 <= stream_interval <= 1:
         raise MiniGPTError(f"stream_interval must be between 0 and 1 second, got "
                            f"{stream_interval}", setting="stream_interval")
@@ -102,7 +123,7 @@ def build(model_dir: Path | None, device: str, max_batch: int, max_queue: int,
     return create_app(served, api_key, cors_origins), served
 
 
-def serve(app, served, host: str, port: int, graceful_seconds: float = 5.0) -> None:
+def serve(app, served, sock: socket.socket, graceful_seconds: float = 5.0) -> None:
     """Serve until Ctrl-C (KeyboardInterrupt) or SIGTERM (``Terminated``).
 
     The model decodes in this thread, the main one (the scheduler's ``run``): PyTorch's CPU
@@ -114,7 +135,7 @@ def serve(app, served, host: str, port: int, graceful_seconds: float = 5.0) -> N
     """
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+    config = uvicorn.Config(app, log_level="warning",
                             timeout_graceful_shutdown=graceful_seconds, access_log=False)
     server = uvicorn.Server(config)  # in a thread that is not the main one: no signals
     received: list[int] = []
@@ -128,8 +149,8 @@ def serve(app, served, host: str, port: int, graceful_seconds: float = 5.0) -> N
 
     def http() -> None:
         try:
-            server.run()
-        except BaseException as e:  # SystemExit(1) when it cannot listen after all (a race)
+            server.run(sockets=[sock])
+        except BaseException as e:
             failed.append(e)
         finally:
             served.scheduler.close()

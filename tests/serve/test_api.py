@@ -156,7 +156,8 @@ def test_bad_chat_bodies(server):
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
         assert "Traceback" not in r.text
-    r = httpx.post(url, content=b"x" * (2 << 20), headers=server.headers)
+    r = httpx.post(url, content=b"x" * (2 << 20), headers={
+        **server.headers, "Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
@@ -241,3 +242,67 @@ def test_the_stream_interval_never_holds_back_the_end_of_a_reply(start_server):
         assert elapsed < 0.9, f"the reply took {elapsed:.2f} s with a 1 s stream interval"
     finally:
         s.stop()
+
+
+def test_bodies_that_are_not_json_are_refused_before_anything_runs(server):
+    """A page of another site can POST a form or plain text without a CORS preflight: such
+    bodies (and bodies without a type) are refused, so such a page cannot use the model."""
+    url = f"{server.url}/v1/completions"
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    for media in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                  None]:
+        headers = {**server.headers, **({"Content-Type": media} if media else {})}
+        r = httpx.post(url, content=body, headers=headers)
+        assert r.status_code == 415, (media, r.text)
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+    r = httpx.post(url, content=body, headers={
+        **server.headers, "Content-Type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_deeply_nested_json_is_a_400(server):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ["/v1/chat/completions", "/tokenize"]:
+        r = httpx.post(f"{server.url}{path}", content=deep, headers={
+            **server.headers, "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_json"
+
+
+def test_head_answers_as_get_and_405_says_what_is_allowed(server):
+    for path, headers in [("/health", {}), ("/", {}), ("/v1/models", server.headers)]:
+        r = httpx.head(f"{server.url}{path}", headers=headers)
+        assert r.status_code == 200 and r.content == b"", path
+    r = httpx.get(f"{server.url}/v1/completions", headers=server.headers)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    key = server.headers["Authorization"].split()[1]
+    for given in [f"bearer {key}", f"BEARER {key}"]:
+        r = httpx.get(f"{server.url}/v1/models", headers={"Authorization": given})
+        assert r.status_code == 200, given
+    for given in [f"Basic {key}", key, f"Bearer {key}x", "Bearer"]:
+        r = httpx.get(f"{server.url}/v1/models", headers={"Authorization": given})
+        assert r.status_code == 401, given
+
+
+def test_streamed_text_offsets_run_on_as_in_the_plain_reply(client, server):
+    kw = dict(model=server.model_id, prompt="Once", max_tokens=6, temperature=0, logprobs=1,
+              echo=True)
+    plain = client.completions.create(**kw).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True)
+              if c.choices and c.choices[0].logprobs]
+    offsets = [o for c in chunks for o in c.logprobs.text_offset]
+    assert offsets == plain.text_offset and offsets == sorted(set(offsets))
+
+
+def test_a_vanishing_temperature_is_greedy_and_harms_no_other_stream(client, server):
+    kw = dict(model=server.model_id, prompt="Once", max_tokens=8)
+    other = client.completions.create(**{**kw, "max_tokens": 60}, temperature=1.0,
+                                      seed=1, stream=True)
+    first = next(other)  # decoding, beside the next request
+    tiny = client.completions.create(**kw, temperature=1e-300).choices[0].text
+    rest = [c.choices[0] for c in other if c.choices]  # an error would raise here
+    assert [first.choices[0], *rest][-1].finish_reason in ("stop", "length")
+    assert tiny == client.completions.create(**kw, temperature=0).choices[0].text

@@ -41,3 +41,36 @@ def test_every_interface_without_a_key_warns(start_server):
 def test_a_port_in_use_is_a_one_line_error(cli, serve_run, server):
     result = cli.invoke("serve", "--model", serve_run, "--device", "cpu", "--port", server.port)
     cli.assert_one_line_error(result, f"--port {server.port}", "cannot be used")
+
+
+def test_port_0_prints_the_port_it_got(cli, serve_run):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "serve", "--model",
+                             str(serve_run), "--device", "cpu", "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+) ", line).group(1))
+        assert port > 0
+        import httpx
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 143
+
+
+def test_every_spelling_of_every_interface_warns(start_server):
+    server = start_server("--host", "0")
+    code, err = server.stop()
+    assert "Warning:" in err and "without --api-key" in err and code == 143
+
+
+@pytest.mark.parametrize("key", ["sécret", "two words", "tab\there"])
+def test_a_key_no_header_can_carry_is_a_one_line_error(cli, serve_run, key):
+    result = cli.invoke("serve", "--model", serve_run, "--device", "cpu", "--api-key", key)
+    cli.assert_one_line_error(result, "--api-key")

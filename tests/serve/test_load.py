@@ -28,7 +28,8 @@ async def one_request(client: httpx.AsyncClient, i: int, rng: random.Random,
     """(what the request is, what became of it)."""
     kind = rng.choices(["ok", "stream", "hangup", "bad"], [3, 3, 3, 1])[0] if i % 4 else "hangup"
     if kind == "bad":
-        r = await client.post("/v1/completions", content=b'{"prompt": 3, "max_tokens": -1')
+        r = await client.post("/v1/completions", content=b'{"prompt": 3, "max_tokens": -1',
+                              headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and "error" in r.json()
         return kind, "bad"
     body = {"prompt": f"request {i}", "max_tokens": rng.randint(4, 40), "temperature": 0.9}

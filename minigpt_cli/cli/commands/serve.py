@@ -60,30 +60,35 @@ def serve(
 
     Ctrl-C exits with code 130, SIGTERM with 143, after open streams finish (up to 5 s).
     """
-    from minigpt_cli.serve.server import Terminated, build, check_address, check_serve_deps
+    from minigpt_cli.serve.server import (
+        Terminated,
+        build,
+        check_serve_deps,
+        every_interface,
+        listen,
+        url_of,
+    )
     from minigpt_cli.serve.server import serve as run_server
 
     check_serve_deps()
-    check_address(host, port)
-    app, served = build(model, device, max_batch, max_queue, queue_timeout, template,
-                        api_key or None, quantize, stream_interval, cors_origin or ())
-    if host in ("0.0.0.0", "::") and not api_key:
+    sock = listen(host, port)
+    try:
+        app, served = build(model, device, max_batch, max_queue, queue_timeout, template,
+                            api_key or None, quantize, stream_interval, cors_origin or ())
+    except BaseException:
+        sock.close()
+        raise
+    if every_interface(sock) and not api_key:
         ui.warn(f"listening on every interface ({host}) without --api-key: anyone who can "
                 "reach this machine can use the model")
     if "*" in (cors_origin or ()) and not api_key:
         ui.warn("--cors-origin '*' without --api-key: any web page open in a browser that "
                 "can reach this server can use the model")
-    shown = f"[{host}]" if ":" in host else host
     ui.err_console.print(f"Serving [bold]{served.model_id}[/] (step {served.step}) at "
-                         f"http://{shown}:{port} — Ctrl-C to stop", soft_wrap=True)
+                         f"{url_of(sock)} — Ctrl-C to stop", soft_wrap=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        run_server(app, served, host, port)
+        run_server(app, served, sock)
     except Terminated:
         ui.err_console.print("Stopped (SIGTERM).")
         raise typer.Exit(143) from None
-    except SystemExit as e:  # uvicorn exits 1 when it cannot bind after all (a race)
-        if e.code:
-            ui.error_line(f"cannot listen on {host}:{port}", "try another --port")
-            raise typer.Exit(1) from None
-        raise
