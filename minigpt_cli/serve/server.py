@@ -128,24 +128,31 @@ def serve(app, served, sock: socket.socket, graceful_seconds: float = 5.0) -> No
 
     The model decodes in this thread, the main one (the scheduler's ``run``): PyTorch's CPU
     kernels are faster in the thread that loaded the model. uvicorn serves HTTP in a thread
-    of its own. The first Ctrl-C or SIGTERM makes uvicorn stop accepting connections, give
-    open streams ``graceful_seconds`` to finish (decoding goes on meanwhile) and cancel the
-    rest, their rows freed; then decoding stops and the signal is raised here. A second
-    signal cuts the wait short.
+    of its own. The first Ctrl-C or SIGTERM makes uvicorn stop accepting connections and
+    gives open requests ``graceful_seconds`` to finish (decoding goes on meanwhile); then
+    decoding stops, the rest end with an error (a stream: an error chunk and its
+    ``[DONE]``), and the signal is raised here. A second signal cuts the wait short.
     """
     import uvicorn
 
+    # uvicorn's own deadline is a backstop: the scheduler ends what is left before it,
+    # so that every open stream gets an error and its end rather than a cut connection
     config = uvicorn.Config(app, log_level="warning",
-                            timeout_graceful_shutdown=graceful_seconds, access_log=False)
+                            timeout_graceful_shutdown=graceful_seconds + 5, access_log=False)
     server = uvicorn.Server(config)  # in a thread that is not the main one: no signals
     received: list[int] = []
     failed: list[BaseException] = []
 
+    def stop_decoding() -> None:  # fails every open request: "the server is shutting down"
+        served.scheduler.close()
+
     def on_signal(signum, frame):
-        if received:
-            server.force_exit = True
         received.append(signum)
         server.should_exit = True
+        # not from the handler itself, which may have interrupted the scheduler's own code
+        timer = threading.Timer(graceful_seconds if len(received) == 1 else 0, stop_decoding)
+        timer.daemon = True  # no wait at exit when everything ended before it
+        timer.start()
 
     def http() -> None:
         try:

@@ -74,3 +74,30 @@ def test_every_spelling_of_every_interface_warns(start_server):
 def test_a_key_no_header_can_carry_is_a_one_line_error(cli, serve_run, key):
     result = cli.invoke("serve", "--model", serve_run, "--device", "cpu", "--api-key", key)
     cli.assert_one_line_error(result, "--api-key")
+
+
+def test_sigterm_ends_an_open_stream_with_an_error_and_its_done(start_server, byte_tok):
+    """Open streams get the grace period, then an error chunk and ``[DONE]``: a client sees
+    why its reply ended, and the server's log shows no traceback."""
+    import threading
+    import time
+
+    import httpx
+
+    server = start_server()
+    body = {"prompt": "a", "max_tokens": 1_000_000, "stream": True,
+            "logit_bias": {str(byte_tok.eot_id): -100}}
+    lines: list[str] = []
+
+    def read() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                          timeout=60) as r:
+            lines.extend(line for line in r.iter_lines() if line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)
+    code, err = server.stop()
+    reader.join(30)
+    assert code == 143 and "Traceback" not in err and "Exception" not in err, err
+    assert lines[-1] == "data: [DONE]" and '"code": "shutdown"' in lines[-2], lines[-3:]
