@@ -2,12 +2,19 @@
 
 Everything stored here is plain YAML-serialisable data. ``Config.from_sources`` builds a
 config from a preset or a file, applies overrides and validates; a bad key or value is a
-``ConfigError`` that names the key.
+``ConfigError`` that names the key. Every float setting must be a finite number (NaN and
+infinity pass comparisons such as ``value > 0``, so each section's ``validate`` rejects them
+first); ranges are checked after that.
+
+How long to train: ``train.max_steps`` wins over ``train.epochs`` within a preset or file.
+An override of ``train.epochs`` (``--epochs``) clears the preset's ``train.max_steps``, since
+that is what it asks for; overriding both with a step count is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -49,6 +56,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def validate(self) -> None:
+        _finite_floats(self, "model")
         for key in ("max_seq_length", "embed_dim", "num_heads", "num_layers"):
             _positive(f"model.{key}", getattr(self, key))
         for key in ("vocab_size", "ff_dim", "num_kv_heads"):
@@ -100,6 +108,7 @@ class TokenizerConfig:
     spec: str = "byte"
 
     def validate(self) -> None:
+        _finite_floats(self, "tokenizer")
         if not self.spec.strip():
             raise ConfigError("tokenizer.spec must not be empty")
 
@@ -112,6 +121,7 @@ class DataConfig:
     template: str = "minigpt"  # the chat template conversations are rendered with
 
     def validate(self) -> None:
+        _finite_floats(self, "data")
         if not self.dataset.strip():
             raise ConfigError("data.dataset must not be empty")
         if self.format not in ("auto", "text", "chat"):
@@ -126,7 +136,7 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 16
     epochs: float = 1.0
-    max_steps: int | None = None  # when set, wins over epochs
+    max_steps: int | None = None  # when set, wins over epochs (see the module docstring)
     learning_rate: float = 6e-4
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
     warmup_steps: int = 100
@@ -148,6 +158,7 @@ class TrainConfig:
     strategy: str = "ddp"  # in several processes: ddp (replicas) | fsdp (sharded, FSDP2)
 
     def validate(self) -> None:
+        _finite_floats(self, "train")
         for key in ("batch_size", "grad_accum_steps", "log_interval", "eval_interval",
                     "eval_iters", "checkpoint_interval"):
             _positive(f"train.{key}", getattr(self, key))
@@ -163,6 +174,8 @@ class TrainConfig:
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"train.{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**64:  # what numpy's and torch's generators take
+            raise ConfigError(f"train.seed must be between 0 and 2**64 - 1, got {self.seed}")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or mps, got '{dev}'")
@@ -192,6 +205,7 @@ class LoraConfig:
         return [t.strip() for t in self.targets.split(",") if t.strip()]
 
     def validate(self) -> None:
+        _finite_floats(self, "lora")
         if self.rank is not None and self.rank < 0:
             raise ConfigError(f"lora.rank must be positive (0 or null: off), got {self.rank}")
         if self.alpha <= 0:
@@ -255,23 +269,11 @@ class Config:
 
     @classmethod
     def from_file(cls, path: Path) -> Config:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {path}") from e
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from e
-        return cls.from_dict(_safe_yaml(text, str(path)), str(path))
+        return cls.from_dict(_read_file(Path(path)), str(path))
 
     @classmethod
     def from_preset(cls, name: str) -> Config:
-        path = resources.files(PRESETS_PACKAGE) / f"{name}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset '{name}'",
-                              f"available presets: {', '.join(preset_names())}")
-        cfg = cls.from_dict(_safe_yaml(path.read_text(encoding="utf-8"), f"preset {name}"),
-                            f"preset {name}")
+        cfg = cls.from_dict(_read_preset(name), f"preset {name}")
         cfg.preset = name
         return cfg
 
@@ -290,7 +292,32 @@ class Config:
             if not sep or not key.strip():
                 raise ConfigError(f"bad override '{item}'", "write section.key=value")
             set_key(cfg, key.strip(), _safe_yaml(value, f"override {key}") if value else "")
+        keys = {item.partition("=")[0].strip() for item in overrides}
+        if "train.epochs" in keys:  # a length asked for here replaces the preset's
+            if "train.max_steps" not in keys:
+                cfg.train.max_steps = None
+            elif cfg.train.max_steps is not None:
+                raise ConfigError("train.epochs and train.max_steps both set how long to "
+                                  "train", "give one of them: a number of passes over the "
+                                  "data, or of steps")
         return cfg.validate()
+
+
+def override_keys(overrides: typing.Sequence[str]) -> set[str]:
+    """The ``section.key`` settings that ``overrides`` change, ``train.max_steps`` included
+    when an override of ``train.epochs`` clears it (see ``Config.from_sources``)."""
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    return (keys | {"train.max_steps"}) if "train.epochs" in keys else keys
+
+
+def source_keys(preset: str | None = None, config_file: Path | None = None) -> set[str]:
+    """The ``section.key`` settings that a preset or config file sets itself (the keys it
+    leaves out keep their defaults)."""
+    raw = _read_file(Path(config_file)) if config_file else _read_preset(preset or "tiny")
+    if not isinstance(raw, dict):
+        return set()
+    return {f"{section}.{key}" for section, values in raw.items()
+            if section in SECTIONS and isinstance(values, dict) for key in values}
 
 
 def preset_names() -> list[str]:
@@ -340,6 +367,24 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{dotted} must be {names}, got {value!r}")
 
 
+def _read_file(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    return _safe_yaml(text, str(path))
+
+
+def _read_preset(name: str) -> Any:
+    path = resources.files(PRESETS_PACKAGE) / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'",
+                          f"available presets: {', '.join(preset_names())}")
+    return _safe_yaml(path.read_text(encoding="utf-8"), f"preset {name}")
+
+
 def _safe_yaml(text: str, origin: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -353,3 +398,12 @@ def _safe_yaml(text: str, origin: str) -> Any:
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def _finite_floats(section: Any, name: str) -> None:
+    """Every float setting of ``section`` must be a finite number: NaN passes every range
+    check written as a comparison, and infinity breaks what is computed from it."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}.{f.name} must be a finite number, got {value}")

@@ -99,3 +99,75 @@ def test_missing_config_file(tmp_path: Path):
 def test_preset_and_config_together(tmp_path: Path):
     with pytest.raises(ConfigError, match="either"):
         Config.from_sources("tiny", config_file=tmp_path / "x.yaml")
+
+
+def _float_keys() -> list[str]:
+    """Every float setting of every section, found from the dataclasses themselves."""
+    import typing
+
+    from minigpt_cli.config import SECTIONS
+
+    keys = []
+    for section, cls in SECTIONS.items():
+        for key, hint in typing.get_type_hints(cls).items():
+            if float in (typing.get_args(hint) or (hint,)):
+                keys.append(f"{section}.{key}")
+    return keys
+
+
+def test_every_float_setting_is_found():
+    assert {"model.dropout", "model.norm_eps", "model.rope_theta", "data.val_fraction",
+            "train.epochs", "train.learning_rate", "train.weight_decay", "train.grad_clip",
+            "train.min_lr_ratio", "train.beta1", "train.beta2", "lora.alpha",
+            "lora.dropout"} <= set(_float_keys())
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-inf", "1e400"])
+@pytest.mark.parametrize("key", _float_keys())
+def test_a_float_setting_must_be_finite(key, value):
+    with pytest.raises(ConfigError) as e:
+        Config.from_sources("tiny", overrides=[f"{key}={value}"])
+    assert str(e.value).startswith(f"{key} must be a finite number"), str(e.value)
+
+
+@pytest.mark.parametrize("seed", [-1, -5, 2**64, 10**20])
+def test_a_seed_outside_what_the_generators_take_is_refused(seed):
+    with pytest.raises(ConfigError, match=r"train.seed must be between 0 and 2\*\*64 - 1"):
+        Config.from_sources("tiny", overrides=[f"train.seed={seed}"])
+
+
+@pytest.mark.parametrize("seed", [0, 2**64 - 1])
+def test_the_seeds_at_the_ends_of_the_range_are_accepted(seed):
+    assert Config.from_sources("tiny", overrides=[f"train.seed={seed}"]).train.seed == seed
+
+
+def test_epochs_given_as_an_override_replace_the_presets_max_steps():
+    from minigpt_cli.config import override_keys
+
+    assert Config.from_preset("tiny").train.max_steps == 1500
+    cfg = Config.from_sources("tiny", overrides=["train.epochs=0.5"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (0.5, None)
+    assert override_keys(["train.epochs=0.5"]) == {"train.epochs", "train.max_steps"}
+    cfg = Config.from_sources("tiny", overrides=["train.epochs=2", "train.max_steps=null"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (2, None)
+    # a step count alone keeps the preset's (unused) epochs; both is ambiguous
+    assert Config.from_sources("small", overrides=["train.max_steps=7"]).train.max_steps == 7
+    with pytest.raises(ConfigError, match="train.epochs and train.max_steps both"):
+        Config.from_sources("tiny", overrides=["train.max_steps=7", "train.epochs=2"])
+
+
+def test_epochs_in_a_config_file_leave_its_max_steps_in_charge(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\n  max_steps: 20\n")
+    assert Config.from_sources(config_file=path).train.max_steps == 20
+
+
+def test_source_keys_are_the_keys_a_preset_or_file_sets(tmp_path: Path):
+    from minigpt_cli.config import source_keys
+
+    keys = source_keys("tiny")
+    assert {"data.dataset", "train.batch_size", "train.max_steps", "model.embed_dim"} <= keys
+    assert "lora.alpha" not in keys and "description" not in keys
+    path = tmp_path / "c.yaml"
+    path.write_text("description: mine\ntrain:\n  batch_size: 8\ndata:\n")
+    assert source_keys(config_file=path) == {"train.batch_size"}

@@ -66,11 +66,18 @@ def parse_transcript(text: str) -> Saved:
 
 
 def from_json(text: str) -> Saved:
+    """What ``/save FILE.json`` wrote; anything else (turns that are not text, say) is a
+    ``ValueError``."""
+    expected = "expected JSON with 'turns' of 'user' and 'assistant'"
     try:
         raw = json.loads(text)
         system = raw.get("system") or ""
-        turns = [Turn(str(t["user"]), str(t["assistant"])) for t in raw["turns"]]
+        turns = [Turn(t["user"], t["assistant"]) for t in raw["turns"]]
         template = raw.get("template")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError("expected JSON with 'turns' of 'user' and 'assistant'") from e
-    return Saved(str(system), turns, str(template) if template else None)
+        raise ValueError(expected) from e
+    texts = [system, *(text for t in turns for text in (t.user, t.assistant))]
+    if not isinstance(raw["turns"], list) or not all(isinstance(t, str) for t in texts) \
+            or not isinstance(template, str | None):
+        raise ValueError(expected)
+    return Saved(system, turns, template or None)

@@ -70,23 +70,34 @@ def _pointer(run_dir: Path, which: str) -> Path | None:
     path = run_dir / CKPT_DIR / f"{which}.json"
     if not path.is_file():
         return None
+    hint = "delete it; resuming then uses the newest intact checkpoint"
     try:
         name = json.loads(path.read_text())["dir"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is corrupt",
-                              "delete it; resuming then uses the newest intact checkpoint") from e
-    if not isinstance(name, str) or _step_of(name) is None:  # no path traversal
-        raise CheckpointError(f"{path} points outside the run directory",
-                              "delete it; resuming then uses the newest intact checkpoint")
+        raise CheckpointError(f"{path} is corrupt", hint) from e
+    if not isinstance(name, str):
+        raise CheckpointError(f"{path} is corrupt", hint)
+    if _step_of(name) is None:  # only step-NNNNNNN is followed: no path traversal
+        where = os.path.normpath(os.path.join(CKPT_DIR, name))
+        if os.path.isabs(name) or where == os.pardir or where.startswith(os.pardir + os.sep):
+            raise CheckpointError(f"{path} points outside the run directory", hint)
+        raise CheckpointError(f"{path} names {name!r}, which is not a checkpoint of this "
+                              "run (step-NNNNNNN)", hint)
     return inside(run_dir, run_dir / CKPT_DIR / name)
 
 
 def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
     """The step directory for ``best`` (falls back to ``latest``) or ``latest``."""
-    path = _pointer(run_dir, which) or (_pointer(run_dir, "latest") if which == "best" else None)
+    path = _pointer(run_dir, which)
+    if path is None and which == "best":
+        which, path = "latest", _pointer(run_dir, "latest")
     if path is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet",
                               "train it first")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist ({which}.json names "
+                              "it)", f"restore it from a backup, or delete "
+                              f"{run_dir / CKPT_DIR / which}.json")
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (no {STATE_FILE})")
     return path
@@ -226,6 +237,9 @@ def _prune(run_dir: Path, keep_last: int = 0) -> None:
 def read_state(ckpt: Path) -> dict[str, Any]:
     """A checkpoint's ``state.json``: its step, training state and manifest."""
     path = inside(ckpt.parent.parent, ckpt / STATE_FILE)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint folder {ckpt} does not exist",
+                              "restore it from a backup, or train the run again")
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:

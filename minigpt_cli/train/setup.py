@@ -152,6 +152,8 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
         raise ConfigError("lora.rank: LoRA runs train in one process or with "
                           "train.strategy=ddp, not fsdp", "use train.strategy=ddp")
     dist, device = distributed.init(device)
+    if not resume:  # a setting the device cannot honour fails before the run directory exists
+        select_precision(config.train.precision, device)
     if not dist.enabled:
         return _build(*_prepare_data(config, out, resume, changed, progress), resume, device,
                       callbacks)
@@ -228,6 +230,7 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
         config = resume_config(out, config, changed)
         resumed_from, notes = ckpt.resume_checkpoint(out)
     else:
+        config.validate()  # every setting checked before anything is written
         absolutize_dataset(config)
         out = out or default_run_dir(config)
         layout.check_new_run_dir(out)  # before any work: an existing run is never overwritten
@@ -266,6 +269,7 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
                           "remove model.vocab_size or raise it")
 
     splits = load_splits(config, source, tokenizer, report)
+    check_job_batch(config, splits["train"], distributed.info().world_size)
 
     if resume:
         run_dir = out
@@ -275,6 +279,19 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
         if template is not None:
             save_run_template(run_dir, template)
     return config, run_dir, tokenizer, splits, resumed_from, notes, start
+
+
+def check_job_batch(config: Config, train: Split, world_size: int) -> None:
+    """In several processes, a step of the job must fit in the training data."""
+    if world_size == 1:
+        return
+    per_step = config.train.batch_size * config.train.grad_accum_steps * world_size
+    windows = (len(train.tokens) - 1) // config.model.max_seq_length
+    if per_step > windows:
+        raise ConfigError(f"train.batch_size x train.grad_accum_steps x {world_size} "
+                          f"processes is {per_step} windows a step, more than the "
+                          f"{windows} of the training data",
+                          "lower train.batch_size or use fewer processes")
 
 
 def resumed_base(run_dir: Path, checkpoint: Path, config: Config):
@@ -296,14 +313,6 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
     precision = select_precision(config.train.precision, device)
     configure_backends(device)
     torch.manual_seed(config.train.seed)
-    if dist.enabled:
-        per_step = config.train.batch_size * config.train.grad_accum_steps * dist.world_size
-        windows = (len(splits["train"].tokens) - 1) // config.model.max_seq_length
-        if per_step > windows:
-            raise ConfigError(f"train.batch_size x train.grad_accum_steps x {dist.world_size} "
-                              f"processes is {per_step} windows a step, more than the "
-                              f"{windows} of the training data",
-                              "lower train.batch_size or use fewer processes")
 
     model = (GPT(config.model) if start is None else start.build(config.model)).to(device)
     base = None
@@ -316,7 +325,7 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
             lora.train_added_rows(model, base["vocab_size"])
     if dist.enabled:
         distributed.broadcast_module(model)  # rank 0's weights (train.init) everywhere
-        torch.manual_seed(config.train.seed + dist.rank)  # each rank its own dropout
+        torch.manual_seed((config.train.seed + dist.rank) % 2**64)  # each rank its own dropout
     metrics = MetricsLog(run_dir)
     fpt = flops.flops_per_token(model)
     peak = flops.peak_flops(device, precision) if dist.is_main else None

@@ -175,3 +175,17 @@ def test_load_rejects_other_files(tmp_path, chat_session):
                        ("bad.json", "not a saved conversation"), ("missing.txt", "cannot read")):
         result = s.handle_command(f"/load {tmp_path / name}")
         assert not result.ok and hint in result.lines[0]
+
+
+@pytest.mark.parametrize("turns", [
+    [{"user": 1, "assistant": None}],
+    [{"user": "Hi", "assistant": ["Yo"]}],
+    "User: Hi",
+    {"user": "Hi", "assistant": "Yo"},
+])
+def test_load_rejects_json_whose_turns_are_not_text(turns, tmp_path, chat_session):
+    s = chat_session()
+    (tmp_path / "bad.json").write_text(json.dumps({"turns": turns}))
+    result = s.handle_command(f"/load {tmp_path / 'bad.json'}")
+    assert not result.ok and "is not a saved conversation" in result.lines[0]
+    assert s.turns == []

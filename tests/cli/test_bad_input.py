@@ -65,9 +65,10 @@ def snapshot(root: Path) -> dict[str, str]:
 
 # ---- setups: each damages or prepares the world and returns the command line ----------------
 
-def train(*args: str) -> Callable[[Path], list[str]]:
+def train(*args: str, steps: str | None = "2") -> Callable[[Path], list[str]]:
+    length = ["--max-steps", steps] if steps else []
     return lambda w: ["train", "--dataset", str(w / CORPUS), "--out", str(w / "new"),
-                      "--max-steps", "2", *SETS, *args]
+                      *length, *SETS, *args]
 
 
 def with_file(name: str, content: bytes | str, option: str = "--dataset", prefix: str = "",
@@ -141,6 +142,12 @@ def pointer_out(w: Path) -> None:
     (w / RUN / layout.CKPT_DIR / "best.json").write_text(json.dumps({"dir": "../../elsewhere"}))
 
 
+def pointer_to(name: str) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        (w / RUN / layout.CKPT_DIR / "best.json").write_text(json.dumps({"dir": name}))
+    return setup
+
+
 def not_a_run(w: Path) -> None:
     (w / "folder").mkdir()
     (w / "folder" / "notes.txt").write_text("hello")
@@ -193,6 +200,20 @@ TRAIN_ROWS = [
     Row("learning rate negative", train("--set", "train.learning_rate=-1e-3"),
         "train.learning_rate must be positive"),
     Row("keep_last negative", train("--set", "train.keep_last=-1"), "train.keep_last"),
+    Row("seed below 0", train("--seed", "-1"), "train.seed must be between 0 and 2**64 - 1"),
+    Row("seed of 2**64", train("--seed", str(2**64)), "train.seed must be between 0 and"),
+    Row("seed below 0 in --set", train("--set", "train.seed=-5"), "train.seed must be between"),
+    Row("epochs nan", train("--epochs", "nan", steps=None),
+        "train.epochs must be a finite number, got nan"),
+    Row("epochs inf", train("--epochs", "inf", steps=None),
+        "train.epochs must be a finite number, got inf"),
+    Row("learning rate nan", train("--set", "train.learning_rate=nan"),
+        "train.learning_rate must be a finite number"),
+    Row("weight decay nan", train("--set", "train.weight_decay=nan"),
+        "train.weight_decay must be a finite number"),
+    Row("epochs and max-steps", train("--epochs", "1"), "train.epochs and train.max_steps both"),
+    Row("precision the CPU lacks", train("--set", "train.precision=fp16"),
+        "fp16 is not supported on the CPU"),
     Row("dataset missing", train("--dataset", "missing.txt"), "not found: missing.txt"),
     Row("dataset empty", with_file("empty.txt", ""), "is empty"),
     Row("dataset binary", with_file("data.bin", b"\x7fELF\x02\x01\x00\x00" * 64), "binary"),
@@ -223,6 +244,14 @@ TRAIN_ROWS = [
         "cannot resume with tokenizer.spec"),
     Row("resume with another dataset", resume("--dataset", "other.txt"),
         "cannot resume with data.dataset"),
+    # the run's own settings but the preset's dataset (stdlib-docs, the built-in default)
+    Row("resume with a preset's dataset", resume("--preset", "tiny", *SETS, "--max-steps", "8"),
+        "cannot resume with data.dataset='stdlib-docs'"),
+    Row("resume with a preset's batch size",
+        lambda w: resume("--preset", "tiny", "--dataset", str(w / CORPUS), "--max-steps", "8",
+                         *[a for item in TOY if item != "train.batch_size=4"
+                           for a in ("--set", item)])(w),
+        "cannot resume with train.batch_size=16"),
     Row("resume a finished run", resume(), "already finished its 4 steps"),
     Row("resume after the data changed",
         lambda w: (w / CORPUS).write_text("\n".join(LINES * 2)) and resume("--max-steps", "8")(w),
@@ -261,6 +290,10 @@ MODEL_ROWS = [
         tokenizer_json(name="tiktoken", ranks_file="../../corpus.txt"), "points outside"),
     Row("weights linked outside the run", outside_link, "points outside"),
     Row("pointer outside the run", pointer_out, "points outside"),
+    Row("pointer naming no checkpoint", pointer_to("step-9999"),
+        "names 'step-9999', which is not a checkpoint of this run"),
+    Row("pointer to a missing checkpoint", pointer_to("step-0009999"),
+        "step-0009999 does not exist"),
 ]
 
 GENERATE_ROWS = [
@@ -320,3 +353,5 @@ def test_bad_input(row: Row, command: list[str] | None, world: Path, monkeypatch
         assert err.startswith("Error:"), err
     after = snapshot(world)
     assert {k: after.get(k) for k in before} == before, "an existing file changed"
+    if row in TRAIN_ROWS and row.patch is None:  # refused before the run directory is made
+        assert not (world / "new").exists(), sorted(after)

@@ -49,6 +49,28 @@ def test_generate_json_and_several_samples(run_dir, cli):
     assert text.count("Hi" + report["samples"][0]["text"]) == 2
 
 
+def test_generate_json_lists_every_warning(run_dir, cli):
+    args = ("generate", "--model", run_dir, "--max-new-tokens", "2", "--seed", "1", "--json")
+    empty = cli.invoke(*args, "--prompt", "")
+    assert empty.exit_code == 0, empty.output
+    warnings = json.loads(empty.stdout)["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("the prompt is empty")
+    assert f"Warning: {warnings[0]}" in " ".join(empty.stderr.split())
+    long = json.loads(cli.invoke(*args, "--prompt", "x" * 100).stdout)  # context 32
+    assert len(long["warnings"]) == 1 and "only the last" in long["warnings"][0]
+
+
+def test_generate_prompt_file_skips_a_byte_order_mark(run_dir, tmp_path, cli):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello\n")
+    report = cli.ok_json("generate", "--model", run_dir, "--prompt-file", tmp_path / "bom.txt",
+                         "--max-new-tokens", "2", "--json")
+    assert report["prompt"] == "Hello" and report["prompt_tokens"] == 5
+    piped = cli.invoke("generate", "--model", run_dir, "--prompt-file", "-",
+                       "--max-new-tokens", "2", "--json", input="\ufeffHello\n")
+    assert piped.exit_code == 0, piped.output
+    assert json.loads(piped.stdout)["prompt"] == "Hello"
+
+
 def test_generate_prints_model_text_literally(run_dir, scripted_reply, cli):
     scripted_reply("[bold red]x[/] :smile:")
     result = cli.invoke("generate", "--model", run_dir, "--prompt", "[i]", "--max-new-tokens", "40")

@@ -79,6 +79,26 @@ def test_inspect_model(tmp_path, corpus, toy_run, toy_gpt, cli):
     cli.assert_one_line_error(cli.invoke("inspect", "model", "--model", run_dir / "nope"))
 
 
+def test_inspect_model_shows_the_length_that_rules_and_the_epochs_trained(tmp_path, corpus,
+                                                                          toy_run, cli):
+    from minigpt_cli.config import Config
+    from minigpt_cli.run import checkpoint
+
+    run_dir = toy_run(tmp_path / "run", corpus)
+    cfg = Config.from_file(run_dir / layout.CONFIG_FILE)
+    cfg.train.max_steps, cfg.train.epochs = 1500, 1.0  # as the tiny preset leaves them
+    (run_dir / layout.CONFIG_FILE).write_text(cfg.to_yaml())
+    state = checkpoint.checkpoint_dir(run_dir) / checkpoint.STATE_FILE
+    saved = json.loads(state.read_text())
+    saved["sampler"] = {"consumed": 2750, "n_windows": 1500}
+    state.write_text(json.dumps(saved))
+
+    assert cli.ok_json("inspect", "model", "--model", run_dir, "--json")["epochs"] == 1.8333
+    out = cli.ok_text("inspect", "model", "--model", run_dir)
+    assert "1,500 steps (train.max_steps)" in out and "12 steps, 1.83 epochs" in out
+    assert "steps / epochs" not in out  # it showed 1500 / 1: epochs that max_steps overruled
+
+
 def test_inspect_tokenizer(run_dir, cli):
     text = "héllo [red]x[/red]\n"
     info = cli.ok_json("inspect", "tokenizer", "byte", text, "--json")
@@ -121,6 +141,20 @@ def test_inspect_presets(cli):
     assert "tiny" in names and all(r["description"] for r in rows)
     result = cli.invoke("inspect", "presets")
     assert result.exit_code == 0 and "tiny" in result.stdout
+
+
+def test_inspect_presets_shows_the_model_a_preset_starts_from(cli):
+    rows = {r["name"]: r for r in cli.ok_json("inspect", "presets", "--json")}
+    tiny, finetune = rows["tiny"], rows["gpt2-finetune"]
+    assert (tiny["init"], tiny["layers"], tiny["embed_dim"]) == (None, 4, 128)
+    # GPT-2 124M comes from train.init: not the default model's 4 layers x 256 and bytes
+    assert finetune["init"] == "hf:openai-community/gpt2"
+    assert finetune["layers"] is finetune["embed_dim"] is finetune["tokenizer"] is None
+    assert "tinyshakespeare without it" in finetune["description"]  # the data, as README says
+    out = cli.ok_text("inspect", "presets")
+    block = out[out.index("gpt2-finetune"):out.index("llama-small")]
+    assert "the model and tokenizer of hf:openai-community/gpt2" in block
+    assert "layers ×" not in block
 
 
 def test_inspect_env(cli):
@@ -233,6 +267,10 @@ def test_inspect_run_skips_a_half_written_line(run_dir, cli):
 
 def test_inspect_run_errors(run_dir, tmp_path, cli):
     cli.assert_one_line_error(cli.invoke("inspect", "run", tmp_path / "nope"), "does not exist")
+    for height in ("0", "-3", "2"):
+        cli.assert_one_line_error(cli.invoke("inspect", "run", run_dir, "--height", height),
+                                  f"--height must be at least 3, got {height}")
+    cli.ok_text("inspect", "run", run_dir, "--height", "3")
     (run_dir / layout.METRICS_FILE).unlink()
     cli.assert_one_line_error(cli.invoke("inspect", "run", run_dir), "no metrics.jsonl")
     (run_dir / layout.METRICS_FILE).write_text("")

@@ -58,3 +58,41 @@ def test_compiled_training_matches_eager(corpus, quick_config, tmp_path):
                        (run.run_dir / "metrics.jsonl").read_text().splitlines()
                        if "tokens_per_sec" in x])
     assert losses[0] == pytest.approx(losses[1], abs=1e-3)
+
+
+def test_epochs_given_as_an_override_set_the_length_of_a_new_run(corpus, toy_config, tmp_path):
+    import math
+
+    from minigpt_cli.train.setup import prepare
+
+    cfg = Config.from_sources("tiny", overrides=[  # tiny's own max_steps is 1500
+        f"data.dataset={corpus}", *toy_config.overrides(max_seq_length=16, num_layers=1),
+        "train.batch_size=2", "train.device=cpu", "train.epochs=0.01"])
+    run = prepare(cfg, tmp_path / "run")
+    assert run.trainer.total_steps == math.ceil(0.01 * run.trainer.sampler.n_windows / 2)
+
+
+def test_epochs_on_resume_replace_the_runs_max_steps(corpus, quick_config, tmp_path):
+    import math
+
+    from minigpt_cli.config import override_keys
+    from minigpt_cli.train.setup import prepare
+
+    prepare(quick_config(corpus), tmp_path / "run").trainer.fit()  # max_steps 4
+    overrides = ["train.epochs=0.01"]
+    run = prepare(Config.from_sources("tiny", overrides=overrides), tmp_path / "run",
+                  resume=True, changed=override_keys(overrides))
+    assert (run.config.train.max_steps, run.config.train.epochs) == (None, 0.01)
+    assert run.trainer.step == 4
+    assert run.trainer.total_steps == math.ceil(0.01 * run.trainer.sampler.n_windows / 2) > 4
+
+
+def test_a_config_that_does_not_validate_writes_nothing(corpus, quick_config, tmp_path):
+    from minigpt_cli.errors import ConfigError
+    from minigpt_cli.train.setup import prepare
+
+    cfg = quick_config(corpus)
+    cfg.train.seed = -1  # set past from_sources' checks, as code calling prepare() may
+    with pytest.raises(ConfigError, match="train.seed"):
+        prepare(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

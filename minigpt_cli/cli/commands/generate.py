@@ -59,7 +59,8 @@ def generate(
              "from stdin when that is not a terminal; else generation starts from scratch.")
     ] = None,
     prompt_file: Annotated[Path | None, typer.Option(
-        "--prompt-file", help="Read the prompt from this UTF-8 file ('-': stdin).")] = None,
+        "--prompt-file", help="Read the prompt from this UTF-8 file ('-': stdin); a "
+                                "leading byte-order mark is skipped.")] = None,
     max_new_tokens: MaxNewTokens = 200,
     temperature: Temperature = 0.8,
     top_k: TopK = 0,
@@ -101,7 +102,7 @@ def generate(
     engine = Engine(run.model, run.tokenizer, dev)
     if template is not None and not chat:
         raise MiniGPTError("--template goes with --chat", "add --chat, or leave it out")
-    shown, stop_ids, prompt_ids = text, (), text
+    shown, stop_ids, prompt_ids, warnings = text, (), text, []
     if chat:
         from minigpt_cli.chat.template import template_for_run
 
@@ -113,8 +114,9 @@ def generate(
         shown, stop_ids = "", tmpl.stop_ids(run.tokenizer)
     elif not text and (prompt is not None or prompt_file is not None
                        or not sys.stdin.isatty()):
-        ui.warn("the prompt is empty: generating from the start of a new document "
-                "(end-of-text)")
+        warnings.append("the prompt is empty: generating from the start of a new document "
+                        "(end-of-text)")
+        ui.warn(warnings[-1])
     events = engine.generate(prompt_ids, settings, stop_ids, reply=chat)
     if json_out:
         result = None
@@ -124,8 +126,8 @@ def generate(
             elif isinstance(event, GenerationResult):
                 result = event
         assert result is not None
-        typer.echo(json.dumps(_report(run, str(dev), quantize, text, settings, result), indent=2,
-                              ensure_ascii=False))
+        report = _report(run, str(dev), quantize, text, settings, result, warnings)
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
     view = StreamView(ui.console, shown, num_samples)
     try:
@@ -137,8 +139,11 @@ def generate(
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    """The prompt from --prompt, --prompt-file or piped stdin; one trailing newline of a
-    file or stdin is dropped (``echo text |`` adds it)."""
+    """The prompt from --prompt, --prompt-file or piped stdin; a leading byte-order mark
+    is skipped, as in training text, and one trailing newline of a file or stdin is dropped
+    (``echo text |`` adds it)."""
+    from minigpt_cli.data.files import BOM
+
     if prompt is not None and prompt_file is not None:
         raise MiniGPTError("give either --prompt or --prompt-file, not both")
     if prompt is not None:
@@ -147,7 +152,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         if not prompt_file.is_file():
             raise MiniGPTError(f"--prompt-file {prompt_file} does not exist or is not a file")
         try:
-            text = prompt_file.read_text(encoding="utf-8")
+            text = prompt_file.read_bytes().removeprefix(BOM).decode("utf-8")
         except UnicodeDecodeError as e:
             raise MiniGPTError(f"--prompt-file {prompt_file} is not UTF-8 text") from e
         except OSError as e:
@@ -158,6 +163,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
             text = sys.stdin.read()
         except UnicodeDecodeError as e:
             raise MiniGPTError("the prompt on stdin is not UTF-8 text") from e
+        text = text.removeprefix(BOM.decode("utf-8"))
     else:
         return ""
     return text[:-1] if text.endswith("\n") else text
@@ -230,7 +236,8 @@ def stats_line(result: GenerationResult) -> str:
 
 
 def _report(run, device: str, quantize: str | None, prompt: str, settings: SamplingSettings,
-            result: GenerationResult) -> dict:
+            result: GenerationResult, warnings: list[str]) -> dict:
+    """What ``--json`` prints; ``warnings`` are the command's own, before the engine's."""
     return {
         "model": str(run.run_dir),
         "step": run.state.get("step"),
@@ -240,7 +247,7 @@ def _report(run, device: str, quantize: str | None, prompt: str, settings: Sampl
         "prompt": prompt,
         "prompt_tokens": result.prompt_tokens,
         "prompt_cropped": result.prompt_cropped,
-        "warnings": result.warnings,
+        "warnings": [*warnings, *result.warnings],
         "settings": {**settings.to_dict(), "seed": result.seed},
         "samples": [{"text": s.text, "num_tokens": len(s.tokens),
                      "finish_reason": s.finish_reason} for s in result.samples],

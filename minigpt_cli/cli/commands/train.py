@@ -51,9 +51,12 @@ def train(
         help="byte, char, tiktoken:NAME|FILE, sentencepiece:unigram|bpe:SIZE or FILE.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/NAME-TIME).")
                    ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        help="Stop after this many steps (train.max_steps).")] = None,
+    epochs: Annotated[float | None, typer.Option(
+        help="Passes over the training data (train.epochs); replaces the preset's "
+             "train.max_steps. Give it or --max-steps, not both.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (0 to 2**64 - 1).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
     compile_: Annotated[bool | None, typer.Option(
         "--compile/--no-compile",
@@ -76,7 +79,7 @@ def train(
         help="With --nnodes: HOST:PORT where the machines meet (c10d rendezvous).")] = None,
 ) -> None:
     """Train a GPT from a preset or config file, with live progress and checkpoints."""
-    from minigpt_cli.config import Config
+    from minigpt_cli.config import Config, override_keys, source_keys
 
     if resume and out is None:
         raise MiniGPTError("--resume needs --out DIR, the run to continue")
@@ -92,9 +95,9 @@ def train(
         if value is not None:
             overrides.append(f"{key}={_yaml_scalar(value)}")
     cfg = Config.from_sources(preset, config, overrides)
-    changed = {item.partition("=")[0].strip() for item in overrides}
-    if resume and (preset or config):
-        changed |= _differences(cfg, Config())
+    changed = override_keys(overrides)
+    if resume and (preset or config):  # every key they set must agree with the run
+        changed |= source_keys(preset, config)
     if nproc is not None or nnodes != 1 or rdzv_endpoint:
         argv = _worker_args(preset, config, overrides, out, resume)
         _launch(cfg, nproc, nnodes, rdzv_endpoint, argv, out)
@@ -295,13 +298,3 @@ def _yaml_scalar(value) -> str:
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     return str(value)
-
-
-def _differences(cfg, default) -> set[str]:
-    """Keys where ``cfg`` differs from ``default`` (for --resume with a preset/config)."""
-    out = set()
-    for section in ("model", "tokenizer", "data", "train", "lora"):
-        for key, value in vars(getattr(cfg, section)).items():
-            if getattr(getattr(default, section), key) != value:
-                out.add(f"{section}.{key}")
-    return out

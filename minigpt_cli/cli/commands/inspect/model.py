@@ -42,6 +42,7 @@ def command(
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
         "step": run.state.get("step"),
+        "epochs": _epochs_done(run.state),
         "best_val_loss": run.state.get("best_val_loss"),
         "parameters": {**gpt.param_groups_breakdown(), "total": gpt.num_params()},
         "tied_head": gpt.tied,
@@ -100,7 +101,11 @@ def command(
     t = cfg.train
     training = kv_table("Training config", [
         ("batch × accumulation", f"{t.batch_size} × {t.grad_accum_steps}"),
-        ("steps / epochs", f"{t.max_steps if t.max_steps else '—'} / {t.epochs:g}"),
+        ("length", f"{t.max_steps:,} steps (train.max_steps)" if t.max_steps
+         else f"{t.epochs:g} epochs (train.epochs)"),
+        ("trained", "—" if info["step"] is None else f"{info['step']:,} steps"
+         + ("" if info["epochs"] is None else f", {info['epochs']:.2f} epochs")
+         + f" ({run.checkpoint.name})"),
         ("learning rate", f"{t.learning_rate:g} (warmup {t.warmup_steps}, "
                           f"min ratio {t.min_lr_ratio:g})"),
         ("weight decay / clip", f"{t.weight_decay:g} / {t.grad_clip:g}"),
@@ -109,3 +114,14 @@ def command(
     ui.console.print(Group(overview, Text(), arch, Text(), params,
                            *[Text(n, style="dim") for n in notes], Text(), disk, Text(),
                            training))
+
+
+def _epochs_done(state: dict) -> float | None:
+    """Passes over the training data up to the checkpoint, from its sampler's state."""
+    sampler = state.get("sampler")
+    if not isinstance(sampler, dict):
+        return None
+    consumed, windows = sampler.get("consumed"), sampler.get("n_windows")
+    if not isinstance(consumed, int) or not isinstance(windows, int) or windows <= 0:
+        return None
+    return round(consumed / windows, 4)

@@ -26,10 +26,13 @@ def command(
     for name, description in preset_summaries():
         cfg = Config.from_preset(name)
         m = cfg.model
-        rows.append({"name": name, "description": description,
-                     "context": m.max_seq_length, "layers": m.num_layers,
-                     "embed_dim": m.embed_dim, "heads": m.num_heads,
-                     "tokenizer": cfg.tokenizer.spec, "dataset": cfg.data.dataset})
+        row = {"name": name, "description": description, "init": cfg.train.init,
+               "context": m.max_seq_length, "layers": m.num_layers, "embed_dim": m.embed_dim,
+               "heads": m.num_heads, "tokenizer": cfg.tokenizer.spec,
+               "dataset": cfg.data.dataset}
+        if cfg.train.init:  # the model and its tokenizer come from there, not the config
+            row.update(context=None, layers=None, embed_dim=None, heads=None, tokenizer=None)
+        rows.append(row)
     if json_out:
         emit_json(rows)
         return
@@ -37,7 +40,9 @@ def command(
     table.add_column("name", style="bold", no_wrap=True)
     table.add_column("description")
     for r in rows:
-        setup = (f"{r['layers']} layers × {r['embed_dim']}, context {r['context']} · "
-                 f"{r['tokenizer']} · {r['dataset']}")
+        model = (f"the model and tokenizer of {r['init']} (train.init)" if r["init"] else
+                 f"{r['layers']} layers × {r['embed_dim']}, context {r['context']} · "
+                 f"{r['tokenizer']}")
+        setup = f"{model} · {r['dataset']}"
         table.add_row(Text(r["name"]), Text(r["description"]) + Text("\n" + setup, style="dim"))
     ui.console.print(table)

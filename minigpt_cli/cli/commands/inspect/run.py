@@ -13,9 +13,10 @@ from rich.text import Text
 from minigpt_cli.cli import ui
 from minigpt_cli.cli.charts import LineChart, Series
 from minigpt_cli.cli.commands.inspect.common import emit_json, wrote
-from minigpt_cli.errors import CheckpointError
+from minigpt_cli.errors import CheckpointError, MiniGPTError
 
 NAME = "run"
+MIN_HEIGHT = 3  # the loss chart's rows: its top, middle and bottom ticks
 EXAMPLES = """Examples:
 
   minigpt inspect run    # the latest run under runs/
@@ -32,13 +33,16 @@ def command(
         help="Run directory (default: the latest run under runs/).")] = None,
     png: Annotated[Path | None, typer.Option(
         help="Also write the charts as a PNG image (needs matplotlib).")] = None,
-    height: Annotated[int, typer.Option(help="Rows of the loss chart in the terminal.")] = 10,
+    height: Annotated[int, typer.Option(
+        help=f"Rows of the loss chart in the terminal (at least {MIN_HEIGHT}).")] = 10,
     json_out: Annotated[bool, typer.Option("--json", help="Print the series as JSON.")] = False,
 ) -> None:
     """Training and validation loss, learning rate and tokens/s over steps, as charts."""
     from minigpt_cli.run.history import read_history
     from minigpt_cli.run.layout import find_latest_run
 
+    if height < MIN_HEIGHT:
+        raise MiniGPTError(f"--height must be at least {MIN_HEIGHT}, got {height}")
     if run is None:
         try:
             run = find_latest_run()
@@ -81,7 +85,7 @@ def command(
         table.add_row(k, v)
     charts = [LineChart("loss", [Series("training", train["step"], train["loss"], "cyan"),
                                  Series("validation", val["step"], val["val_loss"], "yellow", "•")],
-                        height=max(3, height)),
+                        height=height),
               LineChart("learning rate", [Series("lr", train["step"], train["lr"], "green")],
                         height=max(2, height // 2), fmt=lambda x: f"{x:.2e}"),
               LineChart("tokens/s", [Series("tokens/s", train["step"],
