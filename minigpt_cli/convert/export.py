@@ -5,7 +5,8 @@ PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads onto the Huggi
 export of its base.
 
 Output is written under a temporary name beside ``out`` and renamed into place at the
-end, so a failure leaves nothing behind, and an existing ``out`` is never replaced.
+end, so a failure leaves nothing behind, and an existing ``out`` is never replaced. Missing
+folders above ``out`` are created, as ``import`` and ``train`` do (and removed on failure).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,10 @@ FORMATS = ("hf", "gguf")
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file names
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GGUF_DTYPES = ("f32", "f16", "q8_0")
-GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
-                       "max_new_tokens": 200}  # minigpt generate's defaults
+# minigpt generate's sampling defaults. Its 200 new tokens are left out: minigpt slides its
+# window past the context, but transformers does not (a GPT-2's learned positions end there),
+# so generation_config.json caps prompt and reply at the context instead (max_length).
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0}
 
 
 def check_out(out: Path, fmt: str, adapter_only: bool = False) -> None:
@@ -46,10 +50,41 @@ def check_out(out: Path, fmt: str, adapter_only: bool = False) -> None:
     if out.exists() or out.is_symlink():
         raise ConvertError(f"out {out} already exists", "choose a new path",
                            setting="out")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConvertError(f"cannot write {out}: {parent} is not a writable directory",
+    parent = out.parent  # the nearest folder that exists: the rest is created
+    while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        what = "a file" if parent.exists() else "a broken link"
+        raise ConvertError(f"cannot write {out}: {parent} is {what}, not a folder",
+                           "choose a path in a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConvertError(f"cannot write {out}: the folder {parent} is not writable",
                            "choose a writable path")
+
+
+@contextmanager
+def _writing_beside(out: Path) -> Iterator[None]:
+    """Create the missing folders above ``out`` for the block, and remove them again if it
+    raises."""
+    created = []  # nearest first: the order to remove them in
+    for folder in out.parents:
+        if folder.exists() or folder.is_symlink():
+            break
+        created.append(folder)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"cannot write {out}: {e.strerror or e}",
+                           "choose a writable path") from e
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def export(run: LoadedRun, out: Path, fmt: str, dtype: str = "f32",
@@ -100,16 +135,17 @@ def _export_hf(run: LoadedRun, out: Path) -> Path:
 def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
     """``write`` the files of a new folder into a temporary one, then rename it to ``out``;
     a failure leaves nothing behind."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(DIR_MODE)
-        write(tmp)
-        for path in tmp.iterdir():
-            path.chmod(FILE_MODE)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _writing_beside(out):
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            tmp.chmod(DIR_MODE)
+            write(tmp)
+            for path in tmp.iterdir():
+                path.chmod(FILE_MODE)
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
@@ -197,20 +233,21 @@ model = PeftModel.from_pretrained(base, "{name}")
 def _export_gguf(run: LoadedRun, out: Path, dtype: str) -> Path:
     from minigpt_cli.convert.gguf import export_gguf
 
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        export_gguf(run.model, run.tokenizer, tmp, dtype, name=run.run_dir.name,
-                    chat_template=_chat_template(run))
-        tmp.chmod(FILE_MODE)
-        if out.exists():  # appeared meanwhile: never replace it
-            raise ConvertError(f"out {out} already exists", "choose a new path",
-                               setting="out")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _writing_beside(out):
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            export_gguf(run.model, run.tokenizer, tmp, dtype, name=run.run_dir.name,
+                        chat_template=_chat_template(run))
+            tmp.chmod(FILE_MODE)
+            if out.exists():  # appeared meanwhile: never replace it
+                raise ConvertError(f"out {out} already exists", "choose a new path",
+                                   setting="out")
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out
 
 
@@ -232,7 +269,8 @@ def generation_config(run: LoadedRun) -> dict[str, Any]:
         ends = template_for_run(run.run_dir).stop_ids(run.tokenizer)
         eos = [eot, *ends] if ends else eot  # generation ends at the end of a turn too
     config: dict[str, Any] = {"bos_token_id": eot, "eos_token_id": eos, "pad_token_id": eot,
-                              **GENERATION_DEFAULTS}
+                              **GENERATION_DEFAULTS,
+                              "max_length": run.config.model.max_seq_length}
     extra = range(run.tokenizer.vocab_size, run.config.model.vocab_size)
     if len(extra):  # padding rows of the embedding: minigpt never samples them either
         config["suppress_tokens"] = list(extra)
@@ -246,27 +284,37 @@ def model_card(run: LoadedRun, name: str) -> str:
     family = llama.family(m)
     design = "Llama" if family == "llama" else "GPT-2"
     best = state.get("best_val_loss")
-    rows = [
-        ("trained with", f"minigpt {__version__}"),
-        ("data", cfg.data.dataset),
-        ("tokenizer", f"{run.tokenizer.spec} ({run.tokenizer.vocab_size:,} tokens)"),
-        ("architecture", architecture_summary(m)),
-        ("parameters", f"{run.model.num_params():,}"),
-        ("steps", f"{state.get('step', 0):,}"),
-        ("validation loss", "—" if best is None else f"{best:.4f} nats/token"),
-    ]
+    imported, base = state.get("imported_from"), cfg.train.init
+    if imported:  # minigpt import: weights from elsewhere, never trained here
+        origin = f"imported into minigpt from {imported}"
+        rows = [("imported with", f"minigpt {__version__}"), ("source", str(imported))]
+    else:
+        lora = " with LoRA (adapters merged into the weights)" if cfg.lora.enabled else ""
+        origin = (f"fine-tuned{lora} with minigpt from {base}" if base
+                  else "trained from scratch with minigpt")
+        rows = [("fine-tuned with" if base else "trained with", f"minigpt {__version__}"),
+                *([("base model", base)] if base else []),
+                ("data", cfg.data.dataset)]
+    rows += [("tokenizer", f"{run.tokenizer.spec} ({run.tokenizer.vocab_size:,} tokens)"),
+             ("architecture", architecture_summary(m)),
+             ("parameters", f"{run.model.num_params():,}")]
+    if not imported:
+        rows += [("steps", f"{state.get('step', 0):,}"),
+                 ("validation loss", "—" if best is None else f"{best:.4f} nats/token")]
     bpb = _bits_per_byte(run)
     if bpb is not None:
         rows.append(("bits per byte", f"{bpb:.4f} (minigpt eval, {cfg.data.dataset} val)"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    source = str(imported or base or "")
+    hub = f"\nbase_model: {source[3:]}" if source.startswith("hf:") else ""  # the Hub's link
     return f"""---
 library_name: transformers
-tags: [minigpt, {family}, text-generation]
+tags: [minigpt, {family}, text-generation]{hub}
 ---
 
 # {name}
 
-A {design}-style language model trained from scratch with minigpt.
+A {design}-style language model {origin}.
 
 | | |
 |---|---|
@@ -283,8 +331,9 @@ ids = tokenizer("The", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=50)[0]))
 ```
 
-`generation_config.json` holds minigpt's sampling defaults (temperature 0.8); pass
-`do_sample=False` for greedy decoding.
+`generation_config.json` holds minigpt's sampling defaults (temperature 0.8) and ends
+generation at the model's context of {m.max_seq_length} tokens, prompt included
+(`max_length`); pass `do_sample=False` for greedy decoding.
 """
 
 
@@ -296,7 +345,8 @@ def architecture_summary(m) -> str:
                 + ("" if m.tie_embeddings else ", untied head"))
     return (f"GPT-2: {m.num_layers} layers, {m.embed_dim} wide, {m.num_heads} "
             f"heads, feed-forward {m.ff_dim}, context {m.max_seq_length}"
-            + ("" if m.bias else ", no biases (exported as zeros)"))
+            + ("" if m.bias else ", no biases (exported as zeros)")
+            + ("" if m.tie_embeddings else ", untied head"))
 
 
 def _bits_per_byte(run: LoadedRun) -> float | None:

@@ -4,7 +4,9 @@ minigpt's GPT uses GPT-2's parameter names, so the mapping is one to one: only t
 projection matrices of each block change layout, because GPT-2 stores them as ``Conv1D``
 (in, out) where minigpt has ``nn.Linear`` (out, in). A model without biases exports zero
 biases, which is exact; the exported ``config.json`` says so (``minigpt.bias``), so that
-importing it back gives the same model. The output head stays tied to the embedding.
+importing it back gives the same model. The output head is tied to the embedding unless
+``model.tie_embeddings`` is false (``tie_word_embeddings`` in ``config.json``), and the
+norms' epsilon is ``model.norm_eps`` (``layer_norm_epsilon``).
 
 Writing needs only safetensors; reading a ``pytorch_model.bin`` uses
 ``torch.load(weights_only=True)``, which never unpickles objects. No printing here.
@@ -31,7 +33,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh")
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which minigpt's model uses
+LAYER_NORM_EPS = 1e-5  # GPT-2's own, and model.norm_eps's default
 PREFIX = "transformer."
 SKIPPED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older checkpoints
 
@@ -60,7 +62,7 @@ def gpt2_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
         "initializer_range": 0.02,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "use_cache": True,
         "dtype": "float32",
         "minigpt": {"version": __version__, "bias": cfg.bias},
@@ -68,12 +70,12 @@ def gpt2_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
 
 
 def to_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights under GPT-2's names and layouts (the tied head left out, as
+    """The model's weights under GPT-2's names and layouts (a tied head left out, as
     transformers saves it); zero biases where the model has none."""
     cfg = model.config
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and model.tied:
             continue
         t = tensor.detach().to(torch.float32)
         out[name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
@@ -148,13 +150,10 @@ def model_config(raw: dict[str, Any], origin: str) -> ModelConfig:
         (raw.get("activation_function", "gelu_new") in TANH_GELUS,
          f"activation_function {raw.get('activation_function')!r} (minigpt's GELU is the tanh "
          "approximation)"),
-        (math.isclose(float(raw.get("layer_norm_epsilon", LAYER_NORM_EPS)), LAYER_NORM_EPS),
-         f"layer_norm_epsilon {raw.get('layer_norm_epsilon')} (minigpt uses 1e-5)"),
         (not raw.get("scale_attn_by_inverse_layer_idx", False),
          "scale_attn_by_inverse_layer_idx"),
         (raw.get("scale_attn_weights", True), "scale_attn_weights off"),
         (not raw.get("add_cross_attention", False), "cross-attention"),
-        (raw.get("tie_word_embeddings", True), "an output head not tied to the embedding"),
     ]
     for ok, what in checks:
         if not ok:
@@ -164,10 +163,16 @@ def model_config(raw: dict[str, Any], origin: str) -> ModelConfig:
         raise ConvertError(f"{origin}: n_embd {embed} is not divisible by n_head {heads}")
     inner = raw.get("n_inner")
     bias = (raw.get("minigpt") or {}).get("bias", True) is not False
+    eps = raw.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < math.inf:
+        raise ConvertError(f"{origin}: 'layer_norm_epsilon' in config.json must be a positive "
+                           f"number, got {eps!r}")
     cfg = ModelConfig(vocab_size=get("vocab_size"), max_seq_length=get("n_positions"),
                       embed_dim=embed, num_heads=heads, num_layers=get("n_layer"),
                       ff_dim=inner if isinstance(inner, int) and inner > 0 else 4 * embed,
-                      dropout=float(raw.get("resid_pdrop", 0.0) or 0.0), bias=bias)
+                      dropout=float(raw.get("resid_pdrop", 0.0) or 0.0), bias=bias,
+                      norm_eps=float(eps),
+                      tie_embeddings=raw.get("tie_word_embeddings", True) is not False)
     cfg.dropout = min(max(cfg.dropout, 0.0), 0.99)
     return cfg
 
@@ -220,12 +225,13 @@ def from_gpt2_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig,
     and layouts, checked against the shapes of ``cfg``'s model."""
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         skeleton = GPT(cfg)
-    expected = {k: v.shape for k, v in skeleton.state_dict().items() if k != "lm_head.weight"}
+    expected = {k: v.shape for k, v in skeleton.state_dict().items()
+                if k != "lm_head.weight" or not skeleton.tied}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in weights.items():
-        if name.endswith(SKIPPED) or name == "lm_head.weight":
+        if name.endswith(SKIPPED) or (name == "lm_head.weight" and skeleton.tied):
             continue
-        key = name if name.startswith(PREFIX) else PREFIX + name
+        key = name if name.startswith(PREFIX) or name == "lm_head.weight" else PREFIX + name
         if key not in expected:
             if not cfg.bias and key.endswith(".bias"):
                 if tensor.count_nonzero():
@@ -244,9 +250,10 @@ def from_gpt2_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig,
         raise ConvertError(f"{origin}: the checkpoint lacks {', '.join(missing[:3])}"
                            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     head = weights.get("lm_head.weight")
-    if head is not None and not torch.equal(head.float(), out[PREFIX + "wte.weight"]):
-        raise ConvertError(f"{origin}: lm_head.weight differs from the token embedding",
-                           "minigpt's output head is tied to the embedding")
+    if skeleton.tied and head is not None and not torch.equal(
+            head.float(), out[PREFIX + "wte.weight"]):
+        raise ConvertError(f"{origin}: lm_head.weight differs from the token embedding but "
+                           "config.json says they are tied")
     return out
 
 

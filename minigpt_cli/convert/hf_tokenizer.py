@@ -19,7 +19,13 @@
 minigpt encodes special-token text such as ``<|endoftext|>`` in the input as plain text;
 the exported ``tokenizer_config.json`` sets ``split_special_tokens`` so that transformers
 does the same (``tokenizers.Tokenizer.from_file`` alone needs ``encode_special_tokens =
-True`` for that). One exception: the Unigram model of ``tokenizers`` matches every piece of
+True`` for that). A chat template's tokens (``<|user|>``, ``<|end|>``) are special too, so
+that ``decode(..., skip_special_tokens=True)`` drops them; ``apply_chat_template`` must
+match them in the text it renders, so a tokenizer that has them leaves
+``split_special_tokens`` off, as transformers' chat models do: there, special-token text
+in the input becomes those tokens, unless ``split_special_tokens=True`` is passed (or
+``sanitize_control_tokens=True`` to ``apply_chat_template``, for the messages' text).
+One exception: the Unigram model of ``tokenizers`` matches every piece of
 the vocabulary, so in a sentencepiece *unigram* export, text that spells a control or byte
 piece (``<|endoftext|>``, ``<|unk|>``, ``<0x41>``) gives that piece's id where sentencepiece
 encodes the characters; all other text gives the same ids (BPE exports have no exception).
@@ -50,6 +56,7 @@ CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers save it
 EOT = "<|endoftext|>"
 CHAR_UNK = "<unk>"
 EXPORTABLE = ("exportable tokenizers: byte, char, tiktoken, and sentencepiece models with "
@@ -120,9 +127,9 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, model_max_length: int,
     ``add_special_tokens=False``) to the ids ``tokenizer.encode`` gives, special-token text
     included (except control/byte-piece spellings with sentencepiece unigram models: see
     the module docstring), and decodes ordinary ids to the same text. The tokenizer's
-    added special tokens (a chat template's) are added tokens that are not "special" to
-    transformers, so that they are split out of text even with ``split_special_tokens``:
-    ``apply_chat_template`` with ``chat_template`` then gives minigpt's ids. Raises
+    added special tokens (a chat template's) are special tokens to transformers too, and
+    then ``split_special_tokens`` is off, so that they are split out of the text that
+    ``apply_chat_template`` renders: with ``chat_template`` it gives minigpt's ids. Raises
     :class:`ConvertError` for a tokenizer that cannot be represented exactly; nothing is
     written then.
     """
@@ -160,17 +167,14 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, model_max_length: int,
         "add_eos_token": False,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
-        # minigpt encodes special-token text as plain text; transformers then does too
-        "split_special_tokens": True,
+        # minigpt encodes special-token text as plain text; transformers then does too, but
+        # a chat template's tokens must be matched in apply_chat_template's text
+        "split_special_tokens": not chat_tokens,
         "added_tokens_decoder": {
             str(i): {"content": content, "lstrip": False, "normalized": False,
                      "rstrip": False, "single_word": False, "special": True}
             for content, i in sorted(specials.items(), key=lambda kv: kv[1])},
     }
-    for content, i in chat_tokens.items():
-        config["added_tokens_decoder"][str(i)] = {
-            "content": content, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": False}
     if chat_template:
         config["chat_template"] = chat_template
     out_dir = Path(out_dir)
@@ -183,16 +187,13 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, model_max_length: int,
 
 
 def _add_chat_tokens(tokenizer, backend) -> dict[str, int]:
-    """The tokenizer's added special tokens as added tokens of ``backend``, same ids."""
-    from tokenizers import AddedToken
-
+    """The tokenizer's added special tokens as special tokens of ``backend``, same ids."""
     added = dict(sorted(tokenizer.added_tokens.items(), key=lambda kv: kv[1]))
     for content, i in added.items():
         if backend.get_vocab_size(with_added_tokens=True) != i:
             raise ConvertError(f"the special token {content!r} (id {i}) cannot keep its id in "
                                "a Hugging Face tokenizer", EXPORTABLE)
-        backend.add_tokens([AddedToken(content, special=False, normalized=False, lstrip=False,
-                                       rstrip=False, single_word=False)])
+        backend.add_special_tokens([_special(content)])
         assert backend.token_to_id(content) == i, (content, i)
     return added
 
@@ -478,7 +479,9 @@ def load_hf_tokenizer(folder: Path):
     ``merges.txt``, with no network. Each token's id must be its BPE rank (merges in the
     order of the ids they make), every byte a token, and added tokens special. Special
     tokens keep their ids; minigpt encodes their text as plain text, as transformers does with
-    ``split_special_tokens=True``. Raises :class:`ConvertError` for anything else.
+    ``split_special_tokens=True``. Those after end-of-text (a chat template's, in minigpt's
+    own exports) become the tokenizer's added special tokens, where chat templates find
+    them. Raises :class:`ConvertError` for anything else.
     """
     folder = Path(folder)
     specials = _named_specials(folder)
@@ -652,9 +655,37 @@ def _tiktoken_from_bpe(folder: Path, vocab: dict, merges: list[tuple[str, str]],
     else:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name) or "hf"
         spec = f"tiktoken:hf-{name}"
-    tok = TiktokenTokenizer.from_ranks(spec, name, ranks, pattern, specials)
+    added = _trailing_specials(ranks, specials)
+    tok = TiktokenTokenizer.from_ranks(spec, name, ranks, pattern,
+                                       {t: i for t, i in specials.items() if t not in added})
+    assert tok.add_special_tokens(added) == [specials[t] for t in added], added
     _check_against_hf(folder, tok)
     return tok
+
+
+def _trailing_specials(ranks: dict[bytes, int], specials: dict[str, int]) -> list[str]:
+    """The special tokens whose ids follow end-of-text and every rank without a gap, in id
+    order (a chat template's tokens, as minigpt exports them); else none."""
+    if EOT not in specials:
+        return []
+    last = max(specials[EOT], *ranks.values())
+    after = sorted((i, t) for t, i in specials.items() if i > last)
+    if [i for i, _ in after] != list(range(last + 1, last + 1 + len(after))):
+        return []
+    return [t for _, t in after]
+
+
+def folder_chat_template(folder: Path) -> str | None:
+    """The Jinja chat template of a Hugging Face folder (``tokenizer_config.json``'s
+    ``chat_template``, or ``chat_template.jinja``), or None."""
+    config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
+        try:
+            template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConvertError(f"{folder / CHAT_TEMPLATE_FILE} is not readable") from e
+    return template if isinstance(template, str) else None
 
 
 def _check_ids_are_ranks(folder: Path, ranks: dict[bytes, int],

@@ -1,7 +1,8 @@
 """``minigpt import`` and ``minigpt train --init``: weights and a tokenizer from elsewhere.
 
 A source is a Hugging Face GPT-2-family folder, ``hf:NAME`` (downloaded from the Hub
-through ``huggingface_hub``, or taken from its local cache), or another minigpt run.
+through ``huggingface_hub``, or taken from its local cache), or another minigpt run. A
+source tuned with one of minigpt's chat templates (a run, or its export) brings it along.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Source:
     tokenizer: object
     path: Path | None = None  # the local run directory or folder it was read from
     base: dict | None = None  # for LoRA: the base's sha256 (and vocab_size) before new rows
+    template: str | None = None  # the name of the minigpt chat template it was tuned with
 
     def build(self, cfg: ModelConfig | None = None) -> GPT:
         """The model with these weights (``cfg`` may differ in dropout only)."""
@@ -69,16 +71,19 @@ def resolve(source: str) -> Source:
 
 
 def _from_run(path: Path) -> Source:
+    from minigpt_cli.chat.template import saved_template_name
     from minigpt_cli.run.load import load_run
 
     run = load_run(path)
     state = {k: v.detach().clone() for k, v in run.model.state_dict().items()
              if k != "lm_head.weight" or not run.model.tied}
-    return Source(str(path), run.config.model, state, run.tokenizer, path.resolve())
+    return Source(str(path), run.config.model, state, run.tokenizer, path.resolve(),
+                  template=saved_template_name(path))
 
 
 def _from_folder(folder: Path, name: str) -> Source:
-    from minigpt_cli.convert.hf_tokenizer import load_hf_tokenizer
+    from minigpt_cli.chat.template import TEMPLATES
+    from minigpt_cli.convert.hf_tokenizer import folder_chat_template, load_hf_tokenizer
 
     reader = llama if hf.read_config(folder).get("model_type") == "llama" else hf
     checkpoint = reader.read_checkpoint(folder, name)
@@ -87,7 +92,11 @@ def _from_folder(folder: Path, name: str) -> Source:
         raise ConvertError(f"{name}: the tokenizer has {tokenizer.vocab_size:,} tokens, more "
                            f"than the model's embedding ({checkpoint.model.vocab_size:,})",
                            "the tokenizer files do not belong to these weights")
-    return Source(name, checkpoint.model, checkpoint.state_dict, tokenizer, folder.resolve())
+    jinja = folder_chat_template(folder)  # one of minigpt's templates, as its export writes
+    template = next((t.name for t in TEMPLATES.values() if jinja == t.chat_template
+                     and set(t.special_tokens) <= set(tokenizer.added_tokens)), None)
+    return Source(name, checkpoint.model, checkpoint.state_dict, tokenizer, folder.resolve(),
+                  template=template)
 
 
 def download(name: str) -> Path:
@@ -108,6 +117,8 @@ def download(name: str) -> Path:
 def import_run(source: str, out: Path) -> Path:
     """A new run directory ``out`` holding ``source``'s model and tokenizer, ready for
     generate, chat, eval, inspect and export. Nothing is left behind on failure."""
+    from minigpt_cli.chat.template import TEMPLATES, save_run_template
+
     layout.check_new_run_dir(out)
     src = resolve(source)
     config = Config()
@@ -120,6 +131,8 @@ def import_run(source: str, out: Path) -> Path:
     try:
         tmp.chmod(DIR_MODE)
         layout.write_run_files(tmp, config, src.tokenizer)
+        if src.template is not None:  # chat, generate --chat and export use it untold
+            save_run_template(tmp, TEMPLATES[src.template])
         save_checkpoint(tmp, 0, src.build(), state={"best_val_loss": None,
                                                     "imported_from": src.name},
                         training_tensors={}, best=True)

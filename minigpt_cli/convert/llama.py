@@ -36,19 +36,28 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 def family(cfg: ModelConfig) -> str:
     """``gpt2`` or ``llama``: the Hugging Face architecture that computes what ``cfg``'s
-    model computes; any other mix is a ConvertError naming what neither has."""
-    choices = {k: getattr(cfg, k) for k in GPT2}
-    if choices == GPT2 and cfg.kv_heads == cfg.num_heads and cfg.tie_embeddings:
-        return "gpt2"
-    if choices == LLAMA:
-        return "llama"
+    model computes; any other mix is a ConvertError naming the settings at fault."""
     if cfg.qk_norm:
         raise ConvertError("model.qk_norm has no Hugging Face GPT-2 or Llama counterpart",
-                           "export a model trained without it")
-    mix = ", ".join(f"model.{k} {v}" for k, v in choices.items() if k != "qk_norm")
-    raise ConvertError(f"{mix} is neither GPT-2 (learned, layernorm, gelu, all heads, a tied "
-                       "head) nor Llama (rope, rmsnorm, swiglu)",
-                       "export models of one of the two designs")
+                           "export a model trained without it", setting="model.qk_norm")
+    gpt2 = [(f"model.{k}", getattr(cfg, k), v) for k, v in GPT2.items() if getattr(cfg, k) != v]
+    if cfg.kv_heads != cfg.num_heads:  # GPT-2's attention has one key and value per head
+        gpt2.append(("model.num_kv_heads", cfg.num_kv_heads,
+                     f"null (all {cfg.num_heads} heads)"))
+    llama = [(f"model.{k}", getattr(cfg, k), v) for k, v in LLAMA.items()
+             if getattr(cfg, k) != v]
+    if not gpt2:
+        return "gpt2"
+    if not llama:
+        return "llama"
+    (faults, near), (others, far) = sorted([(gpt2, "GPT-2"), (llama, "Llama")],
+                                           key=lambda d: len(d[0]))
+    have = ", ".join(f"{key} {value}" for key, value, _ in faults)
+    needs = ", ".join(f"{key} {wanted}" for key, _, wanted in faults)
+    other = ", ".join(f"{key} {wanted}" for key, _, wanted in others)
+    raise ConvertError(f"{have} cannot be exported as {near}, which needs {needs}; {far} "
+                       f"needs {other}", "export models of one of the two designs",
+                       setting=faults[0][0])
 
 
 # ---- minigpt -> Llama -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ ROLES = ("system", "user", "assistant")
 FOLDER_FILES = {"train": ("train.jsonl",),
                 "val": ("valid.jsonl", "val.jsonl", "validation.jsonl"),
                 "test": ("test.jsonl",)}
+JSON_LINES = (".jsonl", ".jsonlines", ".json-lines", ".ndjson")  # suffixes of JSON Lines files
 CHAT_CACHE_VERSION = 1
 TRAINED, TURN_START, CONV_START = 1, 2, 4  # bits of the flags array
 
@@ -95,14 +96,29 @@ def read_jsonl(path: Path) -> list[Conversation]:
 
 
 def looks_like_chat(path: Path) -> bool:
-    """Whether a file's first non-blank line is a JSON object with ``messages``."""
+    """Whether a file's first non-blank line is a JSON object with ``messages``.
+
+    In a JSON Lines file (``.jsonl``), a first line that starts like an object but is not
+    JSON is the same error as a broken line further on, not a sign of plain text.
+    """
     try:
         with open(path, "rb") as f:
-            for raw in f:
-                if raw.strip():
-                    obj = json.loads(raw.decode("utf-8-sig"))
-                    return isinstance(obj, dict) and "messages" in obj
-    except (OSError, ValueError):
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8-sig")
+                except UnicodeDecodeError:
+                    return False  # not text: the text reader says why
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    if path.suffix.lower() in JSON_LINES and raw.lstrip().startswith(b"{"):
+                        raise DataError(f"{path}:{lineno}: not JSON "
+                                        f"({getattr(e, 'msg', e)})") from e
+                    return False
+                return isinstance(obj, dict) and "messages" in obj
+    except OSError:
         return False
     return False
 

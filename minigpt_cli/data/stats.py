@@ -4,7 +4,9 @@ Per split: bytes, tokens, words, lines and documents (blocks of text between bla
 the distribution of document or line lengths in tokens, and the most frequent tokens.
 Totals and token frequencies come from the token cache (the same ids training sees);
 lengths come from encoding each document or line on its own, over at most
-``LENGTH_SAMPLE_BYTES`` of each split. No printing here.
+``LENGTH_SAMPLE_BYTES`` of each split. Conversations are counted as training renders
+them (the chat token cache: a template's special tokens are one id each), with lengths per
+conversation. No printing here.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from minigpt_cli.data.chat import CONV_START, ChatSource, chat_token_cache
 from minigpt_cli.data.source import DataSource
 from minigpt_cli.data.token_cache import token_cache
 
 UNITS = ("document", "line")
+CHAT_UNIT = "conversation"  # the unit of a chat source's lengths, whatever was asked
 LENGTH_SAMPLE_BYTES = 64 << 20  # lengths are measured over at most this much of a split
 MAX_UNIT_CHARS = 1 << 20  # a longer document or line is measured as several
 ENCODE_BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once
@@ -153,8 +157,11 @@ def measure_lengths(source: DataSource, split: str, tokenizer: Any, unit: str,
 def split_stats(source: DataSource, split: str, tokenizer: Any, unit: str = "document",
                 top: int = 10, progress: Progress | None = None,
                 limit_bytes: int = LENGTH_SAMPLE_BYTES) -> SplitStats:
-    """Everything ``inspect data`` shows about one split."""
+    """Everything ``inspect data`` shows about one split (for conversations with their
+    template set, see :func:`chat_split_stats`)."""
     split = source.check_split(split)
+    if isinstance(source, ChatSource) and source.template is not None:
+        return chat_split_stats(source, split, tokenizer, top)
     on_tokens = None if progress is None else (
         lambda done, total: progress(f"tokenizing {split}", done, total))
     arr = token_cache(source, split, tokenizer, progress=on_tokens)
@@ -166,3 +173,25 @@ def split_stats(source: DataSource, split: str, tokenizer: Any, unit: str = "doc
         1 for _ in split_units(source.iter_text(split), "document"))
     return SplitStats(split, arr.num_bytes, arr.num_tokens, arr.num_words, arr.num_lines,
                       documents, lengths, top_tokens)
+
+
+def chat_split_stats(source: ChatSource, split: str, tokenizer: Any,
+                     top: int = 10) -> SplitStats:
+    """One split of conversations as training sees it: the ids and top tokens of the chat
+    token cache, a length per conversation; bytes, words and lines of the template's text
+    without its special tokens."""
+    template = source.template
+    chat = chat_token_cache(source, split, tokenizer, template)
+    counts = token_counts(chat.tokens, int(tokenizer.vocab_size))
+    order = np.argsort(-counts, kind="stable")[:max(top, 0)]
+    top_tokens = [(int(i), int(counts[i])) for i in order if counts[i] > 0]
+    starts = np.flatnonzero(np.asarray(chat.flags) & CONV_START)
+    lengths = np.diff(np.append(starts, chat.num_tokens)).astype(np.int64)
+    n_bytes = words = lines = 0
+    for conv in source.conversations(split):
+        text = "".join(p.text for p in template.pieces(conv) if not p.special)
+        n_bytes += len(text.encode("utf-8", errors="surrogatepass"))
+        words += len(text.split())
+        lines += text.count("\n") + (bool(text) and not text.endswith("\n"))
+    return SplitStats(split, n_bytes, chat.num_tokens, words, lines, len(lengths),
+                      Lengths(CHAT_UNIT, lengths, len(lengths), n_bytes), top_tokens)

@@ -73,3 +73,44 @@ def test_inspect_data_counts_the_conversations_cut(tmp_path, cache_dir, cli):
     assert chat["template"] == "minigpt" and chat["context"] == 64
     assert chat["splits"]["train"]["conversations"] == 10
     assert chat["splits"]["train"]["cut"] == 1 and chat["splits"]["val"]["cut"] == 1
+
+
+@pytest.mark.parametrize("first", [b'{"messages": [ broken', b"\n  {'messages': []}"])
+def test_a_broken_first_line_of_a_jsonl_file_is_an_error_not_text(tmp_path, cache_dir, cli,
+                                                                   first):
+    """Detection reads the first line: one that starts like JSON but is not is the same
+    error as a broken line further on (a .txt file starting so is still text)."""
+    data = tmp_path / "c.jsonl"
+    data.write_bytes(first + b"\n" + (json.dumps(GOOD) + "\n").encode() * 30)
+    line = first.count(b"\n") + 1
+    out = tmp_path / "run"
+    result = cli.invoke("train", "--dataset", data, "--out", out, *SETS)
+    cli.assert_one_line_error(result, f"{data}:{line}: not JSON")
+    assert not out.exists()
+    cli.assert_one_line_error(cli.invoke("inspect", "data", data), f"{data}:{line}: not JSON")
+    text = tmp_path / "c.txt"
+    text.write_bytes(data.read_bytes())
+    assert "chat" not in cli.ok_json("inspect", "data", text, "--json")
+
+
+def test_inspect_data_counts_the_tokens_training_uses_for_conversations(tmp_path, cache_dir,
+                                                                        cli):
+    """The table's tokens and most frequent tokens are the rendered ids (a template token is
+    one id), as in its Conversations section; lengths are per conversation."""
+    import minigpt_tokenizers
+    from minigpt_cli.chat.template import TEMPLATES
+
+    data = tmp_path / "c.jsonl"
+    data.write_text((json.dumps(GOOD) + "\n") * 20)
+    report = cli.ok_json("inspect", "data", data, "--top", "3", "--json")
+    tok = minigpt_tokenizers.create("byte")
+    tok.add_special_tokens(TEMPLATES["minigpt"].special_tokens)
+    ids = TEMPLATES["minigpt"].render(tok, GOOD["messages"]).ids  # <|user|>Hi<|end|>...
+    train = report["splits"]["train"]
+    assert train["tokens"] == report["chat"]["splits"]["train"]["tokens"] == 18 * len(ids)
+    assert train["top_tokens"][0] == {"id": tok.special_id("<|end|>"), "token": "<|end|>",
+                                      "count": 36, "share": 2 / len(ids)}
+    assert report["unit"] == "conversation" and train["documents"] == 18
+    assert train["lengths"]["max"] == len(ids) and train["bytes"] == 18 * len("HiYo")
+    view = cli.ok_text("inspect", "data", data)
+    assert "conversation length, mean" in view and "<|end|>" in view

@@ -3,6 +3,7 @@ gives exactly the ids minigpt's template renders, for every template and tokeniz
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,17 +80,60 @@ def test_the_exported_files_carry_the_template_and_tokens(exported):
     messages = CONVERSATIONS[1]
     assert hf_ids(hf, messages, True) == \
         TEMPLATES["chatml"].render(tok, messages, add_generation_prompt=True).ids
-    # ordinary text never makes end-of-text, as in minigpt
-    assert hf("<|endoftext|>", add_special_tokens=False)["input_ids"] == \
-        tok.encode("<|endoftext|>")
     assert hf.decode([tok.special_id("<|im_end|>")]) == "<|im_end|>"
+
+
+def test_template_tokens_are_special_so_decoding_can_skip_them(exported):
+    """skip_special_tokens drops the template's tokens; text that spells them is text with
+    split_special_tokens, and in messages with apply_chat_template's
+    sanitize_control_tokens."""
+    from transformers import AutoTokenizer
+
+    tok, _, folder = exported
+    hf = AutoTokenizer.from_pretrained(folder)  # the fixture's has had its template changed
+    end = tok.special_id("<|im_end|>")
+    assert hf.decode([*tok.encode("12"), end, tok.eot_id], skip_special_tokens=True) == "12"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert all(e["special"] for e in config["added_tokens_decoder"].values())
+    for text in ("<|endoftext|>", "<|im_end|> <|user|>"):
+        assert hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
+            tok.encode(text)
+    messages = [{"role": "user", "content": "say <|im_end|> or <|endoftext|> <|end|>"}]
+    out = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                 sanitize_control_tokens=True)
+    specials = {*tok.added_tokens.values(), tok.eot_id}
+    ours = TEMPLATES["chatml"].render(tok, messages, add_generation_prompt=True).ids
+    theirs = list(out["input_ids"] if hasattr(out, "keys") else out)
+    assert [i for i in theirs if i in specials] == [i for i in ours if i in specials]
+    assert tok.decode(theirs) == tok.decode(ours)
+
+
+def test_an_exported_chat_run_imports_back_with_its_template(tmp_path, chat_run):
+    """The template's tokens come back as the tokenizer's special tokens, with their ids,
+    and the run records the template, so chat uses it untold."""
+    import torch
+
+    from minigpt_cli.chat.template import saved_template_name
+    from minigpt_cli.convert.export import export
+    from minigpt_cli.convert.importing import import_run
+    from minigpt_cli.run.load import load_run
+
+    run = chat_run(tmp_path / "run")
+    out = export(run, tmp_path / "hf", "hf")
+    back = load_run(import_run(str(out), tmp_path / "back"))
+    assert saved_template_name(back.run_dir) == "minigpt"
+    assert back.tokenizer.added_tokens == run.tokenizer.added_tokens
+    messages = [{"role": "user", "content": "What is 2+3? <|end|>"}]
+    ids = TEMPLATES["minigpt"].render(back.tokenizer, messages, True).ids
+    assert ids == TEMPLATES["minigpt"].render(run.tokenizer, messages, True).ids
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(torch.tensor([ids]))[0],
+                                   run.model(torch.tensor([ids]))[0], atol=1e-5, rtol=0)
 
 
 def test_an_exported_chat_run_answers_in_transformers_as_in_minigpt(tmp_path, chat_run):
     """transformers' greedy reply to apply_chat_template's prompt is minigpt's reply, and
     both end at the end of turn."""
-    import json
-
     import torch
     import transformers
 

@@ -301,3 +301,31 @@ def test_llama_cpp_runs_the_export(tmp_path, request, kind, dtype, llama_cpp_log
           f"{scale:.3g} ({diff / scale:.2g}), top-1 agreement {top1:.0%}")
     assert top1 == 1.0
     assert diff <= RELATIVE_TOLERANCE[dtype] * scale
+
+
+def test_the_export_hint_gives_llama_cpp_and_ollama_the_context(tmp_path, toy_run, cli):
+    """llama.cpp reads the context from the file (n_ctx_train) but runs with its own default
+    unless told: the hint tells it, and ollama's Modelfile, the model's context."""
+    run_dir = toy_run(tmp_path / "run", tmp_path / "data.txt", max_seq_length=48)
+    result = cli.invoke("export", "--model", run_dir, "--format", "gguf",
+                        "--out", tmp_path / "tiny.gguf")
+    assert result.exit_code == 0, result.output
+    hint = " ".join(result.stderr.split())
+    assert f"llama-cli -m {tmp_path / 'tiny.gguf'} -c 48" in hint
+    assert "FROM ./tiny.gguf, PARAMETER num_ctx 48" in hint
+
+
+def test_an_untied_gpt2_runs_in_llama_cpp(tmp_path, byte_tokenizer, llama_cpp_logits):
+    """model.tie_embeddings false exports as GPT-2 too: llama.cpp takes output.weight for
+    the head (and model.norm_eps as the norms' epsilon)."""
+    cfg = ModelConfig(vocab_size=257, max_seq_length=64, embed_dim=32, num_heads=4,
+                      num_layers=2, ff_dim=64, dropout=0.0, tie_embeddings=False, norm_eps=1e-2)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(20)
+        model.lm_head.weight.normal_(0, 2)
+    path = tmp_path / "untied.gguf"
+    export_gguf(model, byte_tokenizer, path, "f32")
+    got, want = llama_cpp_logits(path, model, byte_tokenizer.encode("The quick brown fox"))
+    assert float(np.abs(got - want).max()) <= RELATIVE_TOLERANCE["f32"] * float(np.abs(want).max())

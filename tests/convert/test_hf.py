@@ -167,6 +167,94 @@ def test_round_trips_are_bit_identical(tmp_path):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.parametrize("design", [{}, dict(position="rope", norm="rmsnorm", mlp="swiglu",
+                                              bias=False)], ids=["gpt2", "llama"])
+def test_generation_config_keeps_transformers_generate_inside_the_context(design, tmp_path):
+    """Without arguments, transformers' generate() stops at the context (GPT-2's learned
+    positions end there: 200 new tokens past it were an IndexError)."""
+    cfg = ModelConfig(vocab_size=257, max_seq_length=24, embed_dim=32, num_heads=4,
+                      num_layers=1, ff_dim=64, dropout=0.0, **design)
+    run = load_run(make_run(tmp_path / "run", cfg, minigpt_tokenizers.create("byte")))
+    out = export(run, tmp_path / "hf", "hf")
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["max_length"] == 24 and "max_new_tokens" not in gen
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        ids = model.generate(**tok("The", return_tensors="pt"), min_new_tokens=21)
+    assert ids.shape == (1, 24)
+
+
+def test_export_creates_missing_folders_above_out(tmp_path, monkeypatch):
+    """As import and train do; a failed export removes the folders it made."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = make_run(tmp_path / "run", toy_shape("tiny", 257), minigpt_tokenizers.create("byte"))
+    result = runner.invoke(app, ["export", "--model", str(run_dir), "--out", "exported/tiny"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "exported" / "tiny" / "config.json").is_file()
+    run = load_run(run_dir)
+    assert export(run, Path("exported2/sub/tiny.gguf"), "gguf").is_file()
+    char = load_run(make_run(tmp_path / "char", toy_shape("tiny", 60), tokenizer_for("char")))
+    with pytest.raises(Exception, match="char"):  # GGUF takes byte and BPE tokenizers only
+        export(char, Path("exported3/sub/char.gguf"), "gguf")
+    assert not (tmp_path / "exported3").exists()
+
+
+def test_an_untied_gpt2_with_its_own_norm_eps_exports_and_imports(tmp_path):
+    """model.tie_embeddings false and model.norm_eps are GPT-2's tie_word_embeddings and
+    layer_norm_epsilon, both ways."""
+    cfg = toy_shape("tiny", vocab_size=257)
+    cfg.tie_embeddings, cfg.norm_eps = False, 1e-2
+    run = load_run(make_run(tmp_path / "run", cfg, minigpt_tokenizers.create("byte")))
+    with torch.no_grad():
+        run.model.lm_head.weight.normal_(0, 2)
+    out = export(run, tmp_path / "hf", "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert model.config.layer_norm_epsilon == 1e-2 and not model.config.tie_word_embeddings
+    ids = run.tokenizer.encode(TEXT)[:64]
+    torch.testing.assert_close(hf_logits(model, ids), minigpt_logits(run, ids), atol=1e-4,
+                               rtol=0)
+    back = load_run(import_run(str(out), tmp_path / "back"))
+    assert back.config.model == run.config.model and not back.model.tied
+    torch.testing.assert_close(minigpt_logits(back, ids), hf_logits(model, ids), atol=1e-4,
+                               rtol=0)
+
+
+def test_import_a_transformers_gpt2_with_an_untied_head_and_another_eps(tmp_path):
+    folder = random_gpt2(tmp_path / "gpt2", layer_norm_epsilon=1e-3, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    run = load_run(import_run(str(folder), tmp_path / "run"))
+    assert run.config.model.norm_eps == 1e-3 and not run.config.model.tie_embeddings
+    ids = run.tokenizer.encode(TEXT)[:48]
+    torch.testing.assert_close(minigpt_logits(run, ids), hf_logits(model, ids), atol=1e-4,
+                               rtol=0)
+
+
+def test_the_model_card_says_where_the_model_comes_from(tmp_path, cache_dir):
+    """Trained from scratch, imported (no data, no steps) or fine-tuned from a base."""
+    from minigpt_cli.train.setup import prepare
+
+    base = make_run(tmp_path / "base", toy_shape("tiny", 257), minigpt_tokenizers.create("byte"))
+    card = (export(load_run(base), tmp_path / "hf", "hf") / "README.md").read_text()
+    assert "trained from scratch with minigpt" in card and "| steps | 7 |" in card
+    imported = import_run(str(tmp_path / "hf"), tmp_path / "imported")
+    card = (export(load_run(imported), tmp_path / "hf2", "hf") / "README.md").read_text()
+    assert f"imported into minigpt from {tmp_path / 'hf'}." in card
+    assert "from scratch" not in card and "| data |" not in card and "| steps |" not in card
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(TEXT * 30)
+    cfg = Config.from_sources("tiny", overrides=[f"data.dataset={corpus}",
+                                                 f"train.init={imported}", "train.max_steps=1",
+                                                 "train.batch_size=2", "train.device=cpu",
+                                                 "train.eval_iters=1"])
+    prepare(cfg, tmp_path / "tuned", changed={"data.dataset", "train.init"}).trainer.fit()
+    card = (export(load_run(tmp_path / "tuned"), tmp_path / "hf3", "hf") / "README.md").read_text()
+    assert f"fine-tuned with minigpt from {imported}." in card and "from scratch" not in card
+    assert f"| base model | {imported} |" in card and f"| data | {corpus} |" in card
+
+
 def random_gpt2(folder: Path, n_inner: int | None = None, **config) -> Path:
     """A small GPT-2 made with transformers (random weights), saved with save_pretrained,
     with GPT-2's own tokenizer files (from the shared ranks)."""
@@ -247,7 +335,10 @@ runner = CliRunner()
     (["export", "--model", "RUN", "--out", "EXISTS"], "--out"),
     (["export", "--model", "nowhere", "--out", "x"], "--model nowhere does not exist"),
     (["export", "--model", "RUN", "--out", "x", "--dtype", "f16"], "applies to gguf"),
-    (["export", "--model", "RUN", "--out", "nodir/sub/x"], "not a writable directory"),
+    (["export", "--model", "RUN", "--out", "RUN/config.yaml/x"],
+     "cannot write RUN/config.yaml/x: RUN/config.yaml is a file, not a folder"),
+    (["export", "--model", "RUN", "--format", "gguf", "--out", "RUN/config.yaml/a/x.gguf"],
+     "RUN/config.yaml is a file, not a folder"),
     (["import", "nowhere", "--out", "new"], "does not exist"),
     (["import", "RUN/config.yaml", "--out", "new"], "is a file"),
     (["import", "NOTGPT2", "--out", "new"], "is a bert model"),

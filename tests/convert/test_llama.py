@@ -140,9 +140,15 @@ def test_train_init_from_a_llama(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("overrides, says", [
     (dict(position="rope", norm="layernorm", mlp="gelu", bias=True),
-     "model.position rope, model.norm layernorm, model.mlp gelu is neither GPT-2"),
+     "model.position rope cannot be exported as GPT-2, which needs model.position learned; "
+     "Llama needs model.norm rmsnorm, model.mlp swiglu"),
     (dict(LLAMA, qk_norm=True), "model.qk_norm has no Hugging Face"),
-    (dict(num_kv_heads=1), "model.position learned, model.norm layernorm, model.mlp gelu"),
+    (dict(num_kv_heads=1), "model.num_kv_heads 1 cannot be exported as GPT-2, which needs "
+                           "model.num_kv_heads null (all 4 heads); Llama needs model.position "
+                           "rope"),
+    (dict(position="rope", norm="rmsnorm", mlp="gelu", num_kv_heads=2),
+     "model.mlp gelu cannot be exported as Llama, which needs model.mlp swiglu; GPT-2 needs "
+     "model.position learned, model.norm layernorm, model.num_kv_heads null"),
 ])
 def test_a_mix_neither_format_has_is_one_line_and_writes_nothing(overrides, says, tmp_path, cli):
     cfg = ModelConfig(vocab_size=257, max_seq_length=16, embed_dim=32, num_heads=4,

@@ -62,8 +62,10 @@ def export_(
         hint = f"PeftModel.from_pretrained(base_model, {str(path)!r})"
     elif format_ == "hf":
         hint = f"AutoModelForCausalLM.from_pretrained({str(path)!r})"
-    else:
-        hint = f"llama-cli -m {path}  ·  ollama create NAME -f Modelfile (FROM ./{path.name})"
+    else:  # llama.cpp reads the context from the file but defaults -c to its own (4096)
+        n_ctx = run.config.model.max_seq_length
+        hint = (f"llama-cli -m {path} -c {n_ctx}  ·  ollama create NAME -f Modelfile "
+                f"(FROM ./{path.name}, PARAMETER num_ctx {n_ctx})")
     ui.err_console.print(Text(f"Load it with: {hint}", style="dim"), soft_wrap=True)
 
 

@@ -98,7 +98,8 @@ def command(
                  for split in source.splits()]
     piece = token_text(tok)
     info = {"dataset": source.name, "tokenizer": tok.spec, "vocab_size": tok.vocab_size,
-            "unit": unit, "splits": {s.split: s.to_dict(piece) for s in stats}}
+            "unit": stats[0].lengths.unit if stats else unit,  # conversations: conversation
+            "splits": {s.split: s.to_dict(piece) for s in stats}}
     if chat_info is not None:
         info["chat"] = chat_info
     if json_out:
@@ -109,6 +110,8 @@ def command(
 
 
 def _data_view(info: dict[str, Any], context: int | None) -> Group:
+    from minigpt_cli.data.stats import CHAT_UNIT
+
     splits = info["splits"]
     unit = info["unit"]
     head = Text(f"{info['dataset']} · {info['tokenizer']} (vocabulary {info['vocab_size']:,})",
@@ -126,7 +129,8 @@ def _data_view(info: dict[str, Any], context: int | None) -> Group:
     row("bytes per token", lambda s: f"{s['bytes_per_token']:.2f}")
     row("words", lambda s: f"{s['words']:,}")
     row("lines", lambda s: f"{s['lines']:,}")
-    row("documents", lambda s: f"{s['documents']:,}")
+    row("conversations" if unit == CHAT_UNIT else "documents",
+        lambda s: f"{s['documents']:,}")
     for key in ("mean", "median", "p90", "max"):
         row(f"{unit} length, {key}",
             lambda s, key=key: "—" if s["lengths"][key] is None else f"{s['lengths'][key]:,.0f}")
@@ -153,8 +157,10 @@ def _data_view(info: dict[str, Any], context: int | None) -> Group:
                 " <0.1%" if 0 < share < 0.05 else f" {share:4.1f}%", style="dim"))
         hist.add_row(label, *cells)
     parts.append(hist)
-    notes = ["documents: blocks of text between blank lines" if unit == "document" else
-             "lines: non-blank lines, each encoded on its own"]
+    notes = [{"document": "documents: blocks of text between blank lines",
+              "line": "lines: non-blank lines, each encoded on its own",
+              CHAT_UNIT: "tokens as training renders the conversations (a special token is one "
+                         "id); bytes, words and lines of their text without those"}[unit]]
     if context is not None:
         over = [f"{name} {100 * _share_over(s['lengths']['histogram'], context):.1f}%"
                 for name, s in splits.items()]
