@@ -53,6 +53,13 @@ def guarded(fn: F) -> F:
         except BrokenPipeError:  # e.g. `minigpt generate | head`
             sys.stderr.close()
             raise typer.Exit(0) from None
+        except OSError as e:  # the system refused a path: too long, no space, read-only, ...
+            if e.errno is None:
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            error_line(f"cannot use{where}: {e.strerror or e}",
+                       "check the path, its permissions and the free space")
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

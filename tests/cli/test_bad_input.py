@@ -355,3 +355,14 @@ def test_bad_input(row: Row, command: list[str] | None, world: Path, monkeypatch
     assert {k: after.get(k) for k in before} == before, "an existing file changed"
     if row in TRAIN_ROWS and row.patch is None:  # refused before the run directory is made
         assert not (world / "new").exists(), sorted(after)
+
+
+@pytest.mark.parametrize("args", [
+    ["export", "--model", RUN, "--out", "a" * 260],
+    ["export", "--model", RUN, "--format", "gguf", "--out", "a" * 260 + ".gguf"],
+    ["train", "--dataset", CORPUS, *SETS, "--max-steps", "1", "--out", "a" * 260],
+])
+def test_a_path_the_system_refuses_is_one_line_and_writes_nothing(world, cli, args):
+    before = snapshot(world)
+    cli.assert_one_line_error(cli.invoke(*args), "File name too long")
+    assert snapshot(world) == before
