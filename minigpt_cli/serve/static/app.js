@@ -4,7 +4,9 @@
 const $ = (id) => document.getElementById(id);
 const conversation = $("conversation");
 const input = $("input");
-let history = [];   // {role, content} of the conversation so far
+let turns = [];  // the conversation so far: {user, assistant, divs} of every turn kept
+let firstTurn = 0;  // the oldest turn that still fitted the context in the last request
+let chatId = 0;  // New chat bumps it: a reply still finishing then has no conversation to join
 let controller = null;  // the reply being streamed, to stop it
 let modelId = null;
 
@@ -70,33 +72,71 @@ function busy(on) {
   $("stop").hidden = !on;
 }
 
-async function send(text) {
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
-  const reply = addMessage("assistant", "");
-  const out = reply.querySelector(".text");
+// Greys out a message the model no longer sees, and says why when hovered.
+function leaveOut(div, why) {
+  div.classList.add("left-out");
+  div.title = why;
+}
+
+// The request for a reply to `text` after turns[first:], with the system prompt.
+function request(first, text, signal) {
   const messages = [];
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
-  messages.push(...history);
+  for (const turn of turns.slice(first)) {
+    messages.push({ role: "user", content: turn.user },
+                  { role: "assistant", content: turn.assistant });
+  }
+  messages.push({ role: "user", content: text });
+  return fetch("/v1/chat/completions", {
+    method: "POST", headers: headers(), signal,
+    body: JSON.stringify({
+      model: modelId || undefined, messages, stream: true,
+      temperature: Number($("temperature").value), top_p: Number($("top-p").value),
+      max_tokens: Number($("max-tokens").value),
+    }),
+  });
+}
+
+// Starts the reply to `text`, leaving out the oldest turns when the conversation has
+// outgrown the model's context (as `minigpt chat` does); returns the streaming response
+// and the first turn it includes. Only the server knows how its chat template turns the
+// messages into tokens, so the page does not count them itself: it sends the
+// conversation, and while the server refuses it as too long (a 400 with the code
+// context_length_exceeded, answered before any generation, so it costs little), it drops
+// the oldest turn and asks again. The system prompt and the new message are always sent;
+// when they alone are too long, the server's error is shown. Only the prompt has to fit:
+// the server slides its window past the context while generating, so no room is kept for
+// the reply. The search starts where the last request started, so a long conversation
+// is not tried from its beginning every time.
+async function startReply(text, signal) {
+  for (let first = Math.min(firstTurn, turns.length); ; first++) {
+    const r = await request(first, text, signal);
+    if (r.ok) return { r, first };
+    const body = await r.json().catch(() => ({}));
+    const error = body.error || {};
+    if (error.code !== "context_length_exceeded" || first >= turns.length) {
+      throw new Error(error.message || r.statusText);
+    }
+  }
+}
+
+async function send(text) {
+  const mine = chatId;
+  const asked = addMessage("user", text);
+  const reply = addMessage("assistant", "");
+  const out = reply.querySelector(".text");
   controller = new AbortController();
   busy(true);
   $("status").textContent = "generating…";
   let reason = null;
   let replyText = "";  // as the model wrote it: the next request sends it back unchanged
+  let first = firstTurn;
+  let failure = null;
   try {
-    const r = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({
-        model: modelId || undefined, messages, stream: true,
-        temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-        max_tokens: Number($("max-tokens").value),
-      }),
-    });
-    if (!r.ok) {
-      const body = await r.json().catch(() => ({}));
-      throw new Error(body.error ? body.error.message : r.statusText);
-    }
+    const started = await startReply(text, controller.signal);
+    first = started.first;
+    const r = started.r;
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -123,21 +163,39 @@ async function send(text) {
         conversation.scrollTop = conversation.scrollHeight;
       }
     }
-    $("status").textContent = reason === "length" ? "stopped at max tokens" : "";
   } catch (e) {
-    if (e.name === "AbortError") {
-      $("status").textContent = "stopped";
-    } else {
-      addMessage("error", "Error: " + e.message);
-      $("status").textContent = "";
-    }
-  } finally {
-    controller = null;
-    busy(false);
-    history.push({ role: "assistant", content: replyText });
-    addCopy(reply);
-    input.focus();
+    failure = e;
   }
+  // New chat was clicked meanwhile (it stopped this reply): the reply belonged to the
+  // conversation that is gone, so it must not touch the new one's turns, buttons or status.
+  if (mine !== chatId) return;
+  controller = null;
+  busy(false);
+  const stopped = failure !== null && failure.name === "AbortError";
+  const said = replyText.trim() !== "";
+  if ((failure && !stopped) || (stopped && !said)) {
+    // a failed turn, or one stopped before a word, is not part of the conversation:
+    // the next request leaves it out
+    if (said) leaveOut(reply, "not part of the conversation: the reply failed");
+    else reply.remove();
+    leaveOut(asked, "not part of the conversation: it got no reply");
+    if (!stopped) addMessage("error", "Error: " + failure.message);
+    $("status").textContent = stopped ? "stopped" : "";
+  } else {
+    const notes = [];
+    if (stopped) notes.push("stopped");
+    else if (reason === "length") notes.push("stopped at max tokens");
+    if (first > firstTurn) notes.push("the oldest messages (greyed) no longer fit the context");
+    $("status").textContent = notes.join(" · ");
+    for (const turn of turns.slice(firstTurn, first)) {
+      for (const div of turn.divs) leaveOut(div, "no longer in the model's context");
+    }
+    firstTurn = first;
+    turns.push({ user: text, assistant: replyText, divs: [asked, reply] });
+    addCopy(reply);
+  }
+  conversation.scrollTop = conversation.scrollHeight;  // after the Copy button or the error
+  input.focus();
 }
 
 $("composer").addEventListener("submit", (event) => {
@@ -155,8 +213,12 @@ input.addEventListener("keydown", (event) => {
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("new-chat").addEventListener("click", () => {
+  chatId++;
   if (controller) controller.abort();
-  history = [];
+  controller = null;
+  busy(false);
+  turns = [];
+  firstTurn = 0;
   conversation.replaceChildren();
   $("status").textContent = "";
   input.focus();
