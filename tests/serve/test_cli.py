@@ -3,6 +3,8 @@ every interface or any web origin without a key, the port already taken."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -101,3 +103,23 @@ def test_sigterm_ends_an_open_stream_with_an_error_and_its_done(start_server, by
     reader.join(30)
     assert code == 143 and "Traceback" not in err and "Exception" not in err, err
     assert lines[-1] == "data: [DONE]" and '"code": "shutdown"' in lines[-2], lines[-3:]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_the_http_thread_keeps_to_the_last_core_and_the_rest_are_untouched():
+    import threading
+
+    from minigpt_cli.serve.server import _keep_to_one_core
+
+    cores = os.sched_getaffinity(0)
+    seen = []
+
+    def http():
+        _keep_to_one_core()
+        seen.append(os.sched_getaffinity(0))
+
+    thread = threading.Thread(target=http)
+    thread.start()
+    thread.join()
+    assert seen == [{max(cores)}] and os.sched_getaffinity(0) == cores
