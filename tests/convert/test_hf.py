@@ -245,10 +245,7 @@ def test_the_model_card_says_where_the_model_comes_from(tmp_path, cache_dir):
     assert "from scratch" not in card and "| data |" not in card and "| steps |" not in card
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT * 30)
-    cfg = Config.from_sources("tiny", overrides=[f"data.dataset={corpus}",
-                                                 f"train.init={imported}", "train.max_steps=1",
-                                                 "train.batch_size=2", "train.device=cpu",
-                                                 "train.eval_iters=1"])
+    cfg = init_config(corpus, imported, steps=1)
     prepare(cfg, tmp_path / "tuned", changed={"data.dataset", "train.init"}).trainer.fit()
     card = (export(load_run(tmp_path / "tuned"), tmp_path / "hf3", "hf") / "README.md").read_text()
     assert f"fine-tuned with minigpt from {imported}." in card and "from scratch" not in card
@@ -303,16 +300,20 @@ def test_import_reads_pytorch_model_bin_without_unpickling_objects(tmp_path):
         resolve(str(folder))
 
 
+def init_config(corpus, init, steps: int) -> Config:
+    """The tiny preset on ``corpus``, started from ``init``, for ``steps`` quick steps."""
+    return Config.from_sources("tiny", overrides=[
+        f"data.dataset={corpus}", f"train.init={init}", f"train.max_steps={steps}",
+        "train.batch_size=2", "train.device=cpu", "train.eval_iters=1"])
+
+
 def test_train_init_starts_from_the_weights_and_keeps_the_tokenizer(tmp_path, cache_dir):
     folder = random_gpt2(tmp_path / "gpt2")
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT * 30)
     from minigpt_cli.train.setup import prepare
 
-    cfg = Config.from_sources("tiny", overrides=[f"data.dataset={corpus}",
-                                                 f"train.init={folder}", "train.max_steps=2",
-                                                 "train.batch_size=2", "train.device=cpu",
-                                                 "train.eval_iters=1"])
+    cfg = init_config(corpus, folder, steps=2)
     run = prepare(cfg, tmp_path / "run", changed={"data.dataset", "train.init"})
     assert run.config.model.embed_dim == 32 and run.config.model.vocab_size == 50257
     start = resolve(str(folder))
