@@ -658,7 +658,8 @@ def _tiktoken_from_bpe(folder: Path, vocab: dict, merges: list[tuple[str, str]],
     added = _trailing_specials(ranks, specials)
     tok = TiktokenTokenizer.from_ranks(spec, name, ranks, pattern,
                                        {t: i for t, i in specials.items() if t not in added})
-    assert tok.add_special_tokens(added) == [specials[t] for t in added], added
+    ids = tok.add_special_tokens(added)
+    assert ids == [specials[t] for t in added], (added, ids)
     _check_against_hf(folder, tok)
     return tok
 

@@ -117,6 +117,13 @@ def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
     return counts
 
 
+def most_frequent(tokens: np.ndarray, vocab_size: int, top: int) -> list[tuple[int, int]]:
+    """The ``top`` most frequent ids of ``tokens`` with their counts (ties: lower id first)."""
+    counts = token_counts(tokens, vocab_size)
+    order = np.argsort(-counts, kind="stable")[:max(top, 0)]
+    return [(int(i), int(counts[i])) for i in order if counts[i] > 0]
+
+
 def measure_lengths(source: DataSource, split: str, tokenizer: Any, unit: str,
                     progress: Progress | None = None,
                     limit_bytes: int = LENGTH_SAMPLE_BYTES) -> Lengths:
@@ -165,9 +172,7 @@ def split_stats(source: DataSource, split: str, tokenizer: Any, unit: str = "doc
     on_tokens = None if progress is None else (
         lambda done, total: progress(f"tokenizing {split}", done, total))
     arr = token_cache(source, split, tokenizer, progress=on_tokens)
-    counts = token_counts(arr.tokens, int(tokenizer.vocab_size))
-    order = np.argsort(-counts, kind="stable")[:max(top, 0)]
-    top_tokens = [(int(i), int(counts[i])) for i in order if counts[i] > 0]
+    top_tokens = most_frequent(arr.tokens, int(tokenizer.vocab_size), top)
     lengths = measure_lengths(source, split, tokenizer, unit, progress, limit_bytes)
     documents = lengths.count if unit == "document" else sum(
         1 for _ in split_units(source.iter_text(split), "document"))
@@ -182,9 +187,7 @@ def chat_split_stats(source: ChatSource, split: str, tokenizer: Any,
     without its special tokens."""
     template = source.template
     chat = chat_token_cache(source, split, tokenizer, template)
-    counts = token_counts(chat.tokens, int(tokenizer.vocab_size))
-    order = np.argsort(-counts, kind="stable")[:max(top, 0)]
-    top_tokens = [(int(i), int(counts[i])) for i in order if counts[i] > 0]
+    top_tokens = most_frequent(chat.tokens, int(tokenizer.vocab_size), top)
     starts = np.flatnonzero(np.asarray(chat.flags) & CONV_START)
     lengths = np.diff(np.append(starts, chat.num_tokens)).astype(np.int64)
     n_bytes = words = lines = 0

@@ -144,14 +144,13 @@ def serve(app, served, sock: socket.socket, graceful_seconds: float = 5.0) -> No
     received: list[int] = []
     failed: list[BaseException] = []
 
-    def stop_decoding() -> None:  # fails every open request: "the server is shutting down"
-        served.scheduler.close()
-
     def on_signal(signum, frame):
         received.append(signum)
         server.should_exit = True
-        # not from the handler itself, which may have interrupted the scheduler's own code
-        timer = threading.Timer(graceful_seconds if len(received) == 1 else 0, stop_decoding)
+        # then decoding stops, failing what is still open ("the server is shutting down"):
+        # from a timer, not the handler, which may have interrupted the scheduler's own code
+        timer = threading.Timer(graceful_seconds if len(received) == 1 else 0,
+                                served.scheduler.close)
         timer.daemon = True  # no wait at exit when everything ended before it
         timer.start()
 
