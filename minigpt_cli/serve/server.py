@@ -138,7 +138,9 @@ def serve(app, served, sock: socket.socket, graceful_seconds: float = 5.0) -> No
 
     # uvicorn's own deadline is a backstop: the scheduler ends what is left before it,
     # so that every open stream gets an error and its end rather than a cut connection
-    config = uvicorn.Config(app, log_level="warning",
+    # no lifespan protocol: the app has no startup or shutdown hooks (the scheduler is
+    # started and closed here), and a lifespan task cut short at exit logs a traceback
+    config = uvicorn.Config(app, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=graceful_seconds + 5, access_log=False)
     server = uvicorn.Server(config)  # in a thread that is not the main one: no signals
     received: list[int] = []
