@@ -42,6 +42,8 @@ def load_tokenizer(run_dir: Path):
     """The run's tokenizer; ``minigpt_tokenizers.load`` keeps its files inside the folder."""
     try:
         return minigpt_tokenizers.load(inside(run_dir, run_dir / TOKENIZER_DIR))
+    except minigpt_tokenizers.MissingPluginError as e:
+        raise CheckpointError(e.message, e.hint) from e
     except minigpt_tokenizers.TokenizerError as e:
         raise CheckpointError(e.message, "put back the tokenizer/ folder the run was "
                               "trained with") from e

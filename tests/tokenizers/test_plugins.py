@@ -306,6 +306,14 @@ def test_sentencepiece_vocab_too_big(training_text):
     assert "smaller vocabulary" in e.value.hint
 
 
+def test_sentencepiece_vocab_too_small_says_so():
+    for size in (0, 1, 2, 3):  # sentencepiece's own checks say nothing for the first three
+        with pytest.raises(TokenizerError) as e:
+            mt.create(f"sentencepiece:bpe:{size}", lambda: iter(["hello world\n" * 20]))
+        assert "sentencepiece training failed: " in e.value.message and e.value.hint
+        assert e.value.message.removeprefix("sentencepiece training failed: ").strip()
+
+
 # ---- errors ------------------------------------------------------------------------------
 
 def test_error_cases(tmp_path):
@@ -313,8 +321,11 @@ def test_error_cases(tmp_path):
     garbage.write_bytes(b"\x89PNG\r\n\x1a\n not a tokenizer \x00\xff")
     empty = tmp_path / "empty.tiktoken"
     empty.write_bytes(b"")
+    partial = tmp_path / "partial.tiktoken"  # a rank for "a" and "b" only
+    partial.write_bytes(b"YQ== 0\nYg== 1\n")
     cases = [
         ("nope", "unknown tokenizer"),
+        ("tiktoken:" + str(partial), "254 of the 256 single bytes have no rank"),
         ("tiktoken:" + str(tmp_path / "missing.tiktoken"), "missing.tiktoken"),
         ("tiktoken:" + str(garbage), "garbage.bin"),
         ("tiktoken:" + str(empty), "empty.tiktoken"),
@@ -369,6 +380,65 @@ def test_external_plugin(external_tokenizer, tmp_path):
     assert not hasattr(tok, "decode_bytes")  # optional: streaming falls back to decode
     tok.save(tmp_path)
     assert isinstance(mt.load(tmp_path), external_tokenizer)
+
+
+def _register(monkeypatch, **targets: str) -> None:
+    """Entry points ``name = "module:attr"`` in minigpt's group, as an installed package
+    would add them, for one test."""
+    import importlib.metadata
+
+    extra = [importlib.metadata.EntryPoint(name=name, value=value, group=mt.ENTRY_POINT_GROUP)
+             for name, value in targets.items()]
+    real = importlib.metadata.entry_points
+
+    def entry_points(**params):
+        eps = real(**params)
+        if params.get("group") == mt.ENTRY_POINT_GROUP:
+            return importlib.metadata.EntryPoints([*eps, *extra])
+        return eps
+
+    monkeypatch.setattr(mt, "entry_points", entry_points)
+
+
+def test_a_broken_plugin_is_a_one_line_error(monkeypatch):
+    _register(monkeypatch, missing="minigpt_no_such_module_xyz:Tok",
+              noattr="minigpt_tokenizers.byte:NoSuchClass")
+    for name, words in (("missing", "ModuleNotFoundError"), ("noattr", "NoSuchClass")):
+        with pytest.raises(TokenizerError) as e:
+            mt.create(name)
+        assert f"plugin '{name}'" in e.value.message and words in e.value.message
+        assert "\n" not in e.value.message and e.value.hint
+
+
+def test_a_plugin_is_saved_under_the_name_it_is_registered_by(monkeypatch, tmp_path):
+    from minigpt_tokenizers.byte import ByteTokenizer
+
+    class Nameless(ByteTokenizer):  # a plugin that forgot to set ``name``
+        name = ""
+
+    import types
+
+    module = types.ModuleType("minigpt_test_nameless")
+    module.Nameless = Nameless
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    _register(monkeypatch, nameless=f"{module.__name__}:Nameless")
+    mt.create("nameless").save(tmp_path)
+    assert json.loads((tmp_path / mt.META_FILE).read_text())["name"] == "nameless"
+    assert isinstance(mt.load(tmp_path), Nameless)
+
+
+def test_loading_needs_the_plugin_installed(tmp_path):
+    from minigpt_cli.errors import CheckpointError
+    from minigpt_cli.run.load import load_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / mt.META_FILE).write_text(json.dumps({"name": "not-installed", "spec": "x"}))
+    with pytest.raises(mt.MissingPluginError, match="needs the tokenizer plugin"):
+        mt.load(folder)
+    with pytest.raises(CheckpointError) as e:
+        load_tokenizer(tmp_path)
+    assert "install the package" in e.value.hint and "byte" in e.value.hint
 
 
 def test_heavy_imports_are_lazy():

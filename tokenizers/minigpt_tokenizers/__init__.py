@@ -29,8 +29,8 @@ from pathlib import Path
 
 from minigpt_cli.errors import TokenizerError  # raised by plugins too; re-exported here
 
-__all__ = ["ENTRY_POINT_GROUP", "META_FILE", "TextSource", "Tokenizer", "TokenizerError",
-           "available", "create", "load", "parse_spec", "plugin_class"]
+__all__ = ["ENTRY_POINT_GROUP", "META_FILE", "MissingPluginError", "TextSource", "Tokenizer",
+           "TokenizerError", "available", "create", "load", "parse_spec", "plugin_class"]
 
 ENTRY_POINT_GROUP = "minigpt.tokenizers"
 META_FILE = "tokenizer.json"
@@ -145,6 +145,10 @@ class Tokenizer(ABC):
         return h.hexdigest()[:16]
 
 
+class MissingPluginError(TokenizerError):
+    """Saved tokenizer files name a plugin that is not installed or cannot be imported."""
+
+
 def available() -> dict[str, object]:
     """Registered plugins by name (entry points, not yet imported)."""
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
@@ -155,7 +159,12 @@ def plugin_class(name: str) -> type[Tokenizer]:
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none"
         raise TokenizerError(f"unknown tokenizer '{name}'", f"available: {known}")
-    cls = eps[name].load()
+    try:
+        cls = eps[name].load()
+    except Exception as e:  # the plugin's package is broken: ImportError, AttributeError, ...
+        raise TokenizerError(f"tokenizer plugin '{name}' ({eps[name].value}) cannot be loaded: "
+                             f"{type(e).__name__}: {e}",
+                             "reinstall or fix the package that provides it") from e
     if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
         raise TokenizerError(f"tokenizer plugin '{name}' does not provide a Tokenizer class")
     return cls
@@ -171,7 +180,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def create(spec: str, training_text: TextSource | None = None) -> Tokenizer:
     """Build a tokenizer from a spec such as ``tiktoken:gpt2``."""
     name, arg = parse_spec(spec)
-    return plugin_class(name).create(arg, training_text)
+    tok = plugin_class(name).create(arg, training_text)
+    if tok.name != name:  # load() finds the plugin by the name saved in tokenizer.json
+        tok.name = name
+    return tok
 
 
 def load(directory: Path) -> Tokenizer:
@@ -204,7 +216,13 @@ def load(directory: Path) -> Tokenizer:
         raise TokenizerError(f"{meta_path}: 'added_tokens' is corrupt") from e
     if added and isinstance(meta.get("vocab_size"), int):
         meta["vocab_size"] -= len(added)  # what the plugin itself has
-    tok = plugin_class(name).load(directory, meta)
+    try:
+        cls = plugin_class(name)
+    except TokenizerError as e:
+        raise MissingPluginError(f"{meta_path} needs the tokenizer plugin '{name}': "
+                                 f"{e.message}", "install the package that provides it"
+                                 + (f" ({e.hint})" if e.hint else "")) from e
+    tok = cls.load(directory, meta)
     if [i for i, _ in added] != tok.add_special_tokens([t for _, t in added]):
         raise TokenizerError(f"{meta_path}: the ids of 'added_tokens' do not follow the "
                              "tokenizer's own vocabulary")

@@ -93,9 +93,16 @@ def _train(model_type: str, vocab_size: int, training_text: TextSource) -> bytes
                                        model_type=model_type, vocab_size=vocab_size,
                                        **TRAINER_OPTIONS)
     except RuntimeError as e:
-        msg = str(e).rsplit("] ", 1)[-1].splitlines()[0]  # drop the C++ source location
+        # drop the C++ source location; some checks say nothing more (vocab_size 0, 1, 2)
+        text = str(e)
+        msg = (text.rsplit("] ", 1)[-1].strip().splitlines() or [""])[0]
         hint = None
-        if m := re.search(r"value <= (\d+)", msg):
+        if not msg and vocab_size < len(TRAINER_OPTIONS["user_defined_symbols"]) + 3:
+            msg = f"a vocabulary of {vocab_size} pieces is too small"
+            hint = f"use a larger vocabulary, e.g. sentencepiece:{model_type}:{DEFAULT_VOCAB}"
+        elif not msg:
+            msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        elif m := re.search(r"value <= (\d+)", msg):
             hint = (f"the training text supports at most {m[1]} pieces: "
                     f"use a smaller vocabulary, e.g. sentencepiece:{model_type}:{m[1]}")
         elif m := re.search(r"required_chars\. \d+ vs (\d+)", msg):

@@ -97,6 +97,11 @@ def _read_ranks(path: Path) -> tuple[dict[bytes, int], str]:
                              "expected lines of 'base64-token rank'") from e
     if not ranks:
         raise TokenizerError(f"{path} is not a tiktoken ranks file (it is empty)")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # tiktoken panics on a text with such a byte
+        raise TokenizerError(f"{path} is not a byte-level BPE: {len(missing)} of the 256 "
+                             f"single bytes have no rank (such as {bytes(missing[:1])!r})",
+                             "a ranks file needs a rank for every byte value")
     return ranks, hashlib.sha256(data).hexdigest()
 
 
