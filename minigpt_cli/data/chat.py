@@ -61,6 +61,13 @@ def check_conversation(obj: Any, where: str) -> Conversation:
         if role not in ROLES:
             raise DataError(f"{where}: message {k} has unknown role {role!r}",
                             f"roles are {', '.join(ROLES)}")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800": half a surrogate pair
+            raise DataError(f"{where}: message {k} holds a lone surrogate "
+                            f"({m['content'][e.start]!r}), which is not text",
+                            "escape whole characters only (\\ud83d\\ude00, not \\ud83d "
+                            "alone)") from e
         out.append({"role": role, "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant turn (nothing to learn from)")

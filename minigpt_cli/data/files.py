@@ -81,6 +81,9 @@ def check_text_file(path: Path) -> int:
     start = 3 if head.startswith(BOM) else 0
     if not head[start:]:
         raise DataError(f"{path} is empty", "point data.dataset at a file with text in it")
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path} is UTF-16 text, not UTF-8",
+                        "convert it to UTF-8, e.g. iconv -f utf-16 -t utf-8")
     if b"\0" in head:
         raise DataError(f"{path} is binary (it contains NUL bytes), not text",
                         "minigpt reads UTF-8 text files")

@@ -50,7 +50,8 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, fmt: str = "auto", *
     :func:`minigpt_cli.paths.cache_dir`).
     """
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}",
+                        setting="val_fraction")
     spec = dataset.strip()
     if not spec:
         raise DataError("no dataset given", f"use {ACCEPTED}")
@@ -71,6 +72,8 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, fmt: str = "auto", *
     path = Path(spec).expanduser()
     if path.is_file() and (fmt == "chat" or (fmt == "auto" and chat.looks_like_chat(path))):
         return chat.file_source(spec, path, val_fraction)
+    if path.is_dir():
+        _check_folder(path)
     if path.is_dir() and fmt != "text" and (fmt == "chat" or chat.chat_folder_files(path)):
         return chat.folder_source(spec, path, val_fraction)
     if path.is_file():
@@ -84,6 +87,17 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, fmt: str = "auto", *
     looks_like_path = os.sep in spec or "/" in spec or "." in Path(spec).name
     what = "file or folder not found" if looks_like_path else "unknown dataset"
     raise DataError(f"{what}: {spec}", f"use {ACCEPTED}")
+
+
+def _check_folder(path: Path) -> None:
+    """A DataError naming the folder when its files cannot be listed or looked at."""
+    try:
+        with os.scandir(path) as entries:
+            next(entries, None)
+        os.stat(os.path.join(path, "."))  # needs the right to search it
+    except PermissionError as e:
+        raise DataError(f"cannot read the folder {path}: {e.strerror or e}",
+                        "check its permissions") from e
 
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"

@@ -25,7 +25,7 @@ from minigpt_cli.data.token_cache import token_cache
 UNITS = ("document", "line")
 CHAT_UNIT = "conversation"  # the unit of a chat source's lengths, whatever was asked
 LENGTH_SAMPLE_BYTES = 64 << 20  # lengths are measured over at most this much of a split
-MAX_UNIT_CHARS = 1 << 20  # a longer document or line is measured as several
+MAX_UNIT_CHARS = 1 << 20  # a longer document or line is encoded in pieces of this size
 ENCODE_BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once
 COUNT_BLOCK = 1 << 24  # tokens per bincount
 _SEPARATORS = {"document": re.compile(r"\n(?:[ \t\r\f\v]*\n)+"), "line": re.compile(r"\n")}
@@ -92,20 +92,30 @@ class SplitStats:
 
 
 def split_units(chunks: Iterable[str], unit: str) -> Iterator[str]:
-    """The non-blank documents (blocks between blank lines) or lines of streamed text."""
+    """The non-blank documents (blocks between blank lines) or lines of streamed text; one
+    longer than ``MAX_UNIT_CHARS`` comes in pieces (see :func:`unit_pieces`)."""
+    return (text for text, _ in unit_pieces(chunks, unit))
+
+
+def unit_pieces(chunks: Iterable[str], unit: str) -> Iterator[tuple[str, bool]]:
+    """``(text, continued)``: the non-blank documents or lines of streamed text, those
+    longer than ``MAX_UNIT_CHARS`` cut into pieces; ``continued`` is True for every piece
+    but a unit's first."""
     sep = _SEPARATORS[unit]
-    pending = ""
+    pending, continued = "", False
     for chunk in chunks:
         parts = sep.split(pending + chunk)
         pending = parts.pop()  # may continue in the next chunk
         for part in parts:
-            if part.strip():
-                yield part
-        while len(pending) > MAX_UNIT_CHARS:
-            yield pending[:MAX_UNIT_CHARS]
-            pending = pending[MAX_UNIT_CHARS:]
-    if pending.strip():
-        yield pending
+            if part.strip() or continued:
+                yield part, continued
+            continued = False
+        while len(pending) > MAX_UNIT_CHARS:  # cut before spaces: a separator stays whole
+            cut = len(pending[:MAX_UNIT_CHARS].rstrip()) or MAX_UNIT_CHARS
+            yield pending[:cut], continued
+            pending, continued = pending[cut:], True
+    if pending.strip() or (continued and pending):
+        yield pending, continued
 
 
 def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -127,7 +137,8 @@ def most_frequent(tokens: np.ndarray, vocab_size: int, top: int) -> list[tuple[i
 def measure_lengths(source: DataSource, split: str, tokenizer: Any, unit: str,
                     progress: Progress | None = None,
                     limit_bytes: int = LENGTH_SAMPLE_BYTES) -> Lengths:
-    """Token lengths of the split's documents or lines, each encoded on its own.
+    """Token lengths of the split's documents or lines, each encoded on its own (a long
+    one in pieces of ``MAX_UNIT_CHARS``, their lengths added up).
 
     Every document or line is counted; lengths are measured until ``limit_bytes`` of them.
     """
@@ -137,21 +148,31 @@ def measure_lengths(source: DataSource, split: str, tokenizer: Any, unit: str,
     total_bytes = source.size_hint(split)
     lengths: list[int] = []
     batch: list[str] = []
+    continues: list[bool] = []  # of each text in the batch: it is not a unit's first piece
     batch_chars = measured = count = 0
+    measuring = True  # the current unit is measured (it started within limit_bytes)
 
     def flush() -> None:
         nonlocal batch_chars
-        lengths.extend(len(ids) for ids in encode_batch(batch))
+        for ids, more in zip(encode_batch(batch), continues, strict=True):
+            if more:
+                lengths[-1] += len(ids)
+            else:
+                lengths.append(len(ids))
         batch.clear()
+        continues.clear()
         batch_chars = 0
         if progress is not None:
             progress(f"measuring {split}", measured, max(total_bytes, measured))
 
-    for text in split_units(source.iter_text(split), unit):
-        count += 1
-        if measured >= limit_bytes:
+    for text, more in unit_pieces(source.iter_text(split), unit):
+        if not more:
+            count += 1
+            measuring = measured < limit_bytes
+        if not measuring:
             continue
         batch.append(text)
+        continues.append(more)
         batch_chars += len(text)
         measured += len(text.encode("utf-8", errors="surrogatepass"))
         if batch_chars >= ENCODE_BATCH_CHARS:
@@ -175,7 +196,7 @@ def split_stats(source: DataSource, split: str, tokenizer: Any, unit: str = "doc
     top_tokens = most_frequent(arr.tokens, int(tokenizer.vocab_size), top)
     lengths = measure_lengths(source, split, tokenizer, unit, progress, limit_bytes)
     documents = lengths.count if unit == "document" else sum(
-        1 for _ in split_units(source.iter_text(split), "document"))
+        not more for _, more in unit_pieces(source.iter_text(split), "document"))
     return SplitStats(split, arr.num_bytes, arr.num_tokens, arr.num_words, arr.num_lines,
                       documents, lengths, top_tokens)
 

@@ -23,6 +23,8 @@ SETS = [arg for item in TOY for arg in ("--set", item)]
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(),
      "no assistant turn"),
     (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+     b'"content": "half \\ud83d"}]}', "lone surrogate"),
 ])
 def test_a_bad_line_is_one_error_naming_file_and_line(tmp_path, cache_dir, cli, bad, needle):
     data = tmp_path / "c.jsonl"

@@ -101,6 +101,7 @@ def test_missing_path_and_unknown_name(tmp_path):
     (b"", "is empty"),
     (b"\xef\xbb\xbf", "is empty"),
     (b"hello\x00world\n", "binary"),
+    ("hello\n".encode("utf-16"), "UTF-16"),  # with its byte-order mark
     ("caf\u00e9 na\u00efve\n".encode("latin-1"), "not UTF-8"),
 ])
 def test_bad_files(tmp_path, content, message):
@@ -114,6 +115,19 @@ def test_bad_files(tmp_path, content, message):
     (folder / "train.txt").write_bytes(content)
     with pytest.raises(DataError, match=message):
         resolve_source(str(folder))
+
+
+def test_a_folder_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "train.txt").write_text("some text\n" * 10)
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", refused)  # as chmod 000 does for a user but root
+    with pytest.raises(DataError, match=f"cannot read the folder {tmp_path}: Permission denied"):
+        resolve_source(str(tmp_path))
 
 
 def test_folder_without_train_file(tmp_path):

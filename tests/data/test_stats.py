@@ -13,6 +13,24 @@ def test_split_units_across_chunks():
     assert list(datastats.split_units(chunks, "line")) == ["a b", "c", "d", "e"]
 
 
+def test_a_unit_longer_than_a_piece_is_one_unit_of_its_whole_length(write_corpus, byte_tok,
+                                                                    monkeypatch):
+    from minigpt_cli.data import files
+    from minigpt_cli.data.resolve import resolve_source
+
+    monkeypatch.setattr(datastats, "MAX_UNIT_CHARS", 10)
+    monkeypatch.setattr(files, "CHUNK_BYTES", 4)  # the text comes a line at a time
+    long = "x" * 25 + "\n" + "y" * 14  # one document of 40 characters, two lines
+    text = "\n\n".join(["short", long, "tail"] * 10) + "\n"
+    source = resolve_source(str(write_corpus(text)), 0.5)
+    for unit, lengths in (("document", [5, 40, 4]), ("line", [5, 25, 14, 4])):
+        measured = datastats.measure_lengths(source, "train", byte_tok, unit)
+        assert list(measured.tokens[:len(lengths)]) == lengths
+        assert measured.count == len(measured.tokens) == 5 * len(lengths)
+    stats = datastats.split_stats(source, "train", byte_tok, "line")
+    assert stats.documents == 15 and stats.lengths.count == 20
+
+
 def test_lengths_histogram_bins_are_powers_of_two():
     lengths = datastats.Lengths("document", np.array([1, 2, 3, 4, 9, 9, 31, 32]), count=8,
                                 measured_bytes=0)
