@@ -68,10 +68,12 @@ def training_figure(history: dict[str, Any], path: Path, title: str) -> Path:
     lr_ax = fig.add_subplot(grid[1, 0])
     speed_ax = fig.add_subplot(grid[1, 1])
     train, val = history["train"], history["val"]
+    # a single logged step is a line of no length: draw it as a point
+    point = {"marker": "o", "markersize": 4} if len(train["step"]) == 1 else {}
 
     if train["step"]:
         loss_ax.plot(train["step"], train["loss"], color=TRAIN_COLOUR, linewidth=1.2,
-                     label="training loss")
+                     label="training loss", **point)
     if val["step"]:
         loss_ax.plot(val["step"], val["val_loss"], color=VAL_COLOUR, linewidth=1.8,
                      marker="o", markersize=4, label="validation loss")
@@ -79,12 +81,13 @@ def training_figure(history: dict[str, Any], path: Path, title: str) -> Path:
     loss_ax.set_ylabel("loss (nats per token)")
     loss_ax.legend(loc="upper right")
 
-    lr_ax.plot(train["step"], train["lr"], color="tab:green", linewidth=1.4)
+    lr_ax.plot(train["step"], train["lr"], color="tab:green", linewidth=1.4, **point)
     lr_ax.set_title("Learning rate")
     lr_ax.set_ylabel("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
-    speed_ax.plot(train["step"], train["tokens_per_sec"], color="tab:purple", linewidth=1.2)
+    speed_ax.plot(train["step"], train["tokens_per_sec"], color="tab:purple", linewidth=1.2,
+                  **point)
     speed_ax.set_title("Throughput")
     speed_ax.set_ylabel("tokens / s")
     speed_ax.set_ylim(bottom=0)

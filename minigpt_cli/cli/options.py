@@ -25,6 +25,7 @@ SETTING_FLAGS = {
     "max_batch": "--max-batch", "max_queue": "--max-queue", "queue_timeout": "--queue-timeout",
     "stream_interval": "--stream-interval", "cors_origin": "--cors-origin",
     "template": "--template", "host": "--host", "port": "--port", "api_key": "--api-key",
+    "val_fraction": "--val-fraction",
 }
 
 # Sampling options, shared with ``minigpt chat``.

@@ -194,6 +194,9 @@ class DataProgress:
         if stage != self.current:
             self.current = stage
             if self.console.is_terminal:
+                if self._progress is not None and self._task is not None and any(
+                        t.id == self._task and t.total is None for t in self._progress.tasks):
+                    self._progress.remove_task(self._task)  # done: no 0% bar left behind
                 if self._progress is None:
                     self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                               TextColumn("{task.percentage:>3.0f}%"),

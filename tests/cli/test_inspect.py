@@ -116,6 +116,23 @@ def test_inspect_tokenizer_errors(tmp_path, cli):
     cli.assert_one_line_error(cli.invoke("inspect", "tokenizer", "char", "abc"), "run directory")
     cli.assert_one_line_error(cli.invoke("inspect", "tokenizer", "no-such-tokenizer"), "unknown")
     cli.assert_one_line_error(cli.invoke("inspect", "tokenizer", tmp_path), "not a run directory")
+    cli.assert_one_line_error(cli.invoke("inspect", "tokenizer", "", "x"), "empty tokenizer spec")
+
+
+def test_inspect_tokenizer_pieces_keep_a_replacement_character_with_its_token(corpus, cli):
+    text = "a\ufffdk é ✓p"  # a U+FFFD of the text; ✓ is unknown to the char vocabulary
+    info = cli.ok_json("inspect", "tokenizer", "byte", text, "--json")
+    assert info["tokens"] == ["a", "", "", "\ufffd", "k", " ", "", "é", " ", "", "", "✓", "p"]
+    char = cli.ok_json("inspect", "tokenizer", "char", text, "--dataset", corpus, "--json")
+    assert char["tokens"] == ["a", "\ufffd", "k", " ", "é", " ", "\ufffd", "p"]
+
+
+def test_inspect_tokenizer_and_attention_read_stdin_as_utf8(run_dir, cli):
+    result = cli.invoke("inspect", "tokenizer", "byte", "-", "--json", input="héllo".encode())
+    assert result.exit_code == 0 and json.loads(result.stdout)["ids"] == list("héllo".encode())
+    for args in (("tokenizer", "byte", "-"), ("attention", "--model", run_dir, "-")):
+        result = cli.invoke("inspect", *args, input=b"ab\xffcd")
+        cli.assert_one_line_error(result, "stdin is not UTF-8", "offset 2")
 
 
 def test_inspect_tokenizer_on_a_dataset(corpus, cli):
@@ -257,6 +274,18 @@ def test_inspect_run_png(run_dir, tmp_path, cli):
     assert png_size(png) == (round(RUN_FIGSIZE[0] * DPI), round(RUN_FIGSIZE[1] * DPI))
 
 
+def test_inspect_run_png_draws_a_single_logged_step(run_dir, tmp_path, monkeypatch, cli):
+    from matplotlib.axes import Axes
+
+    lines = (run_dir / layout.METRICS_FILE).read_text().splitlines()
+    (run_dir / layout.METRICS_FILE).write_text(lines[0] + "\n")  # one training record
+    drawn = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, *a, **k: drawn.append(k) or plot(ax, *a, **k))
+    cli.ok_text("inspect", "run", run_dir, "--png", tmp_path / "one.png")
+    assert len(drawn) == 3 and all(k.get("marker") for k in drawn)  # loss, lr, tokens/s
+
+
 def test_inspect_run_skips_a_half_written_line(run_dir, cli):
     with (run_dir / layout.METRICS_FILE).open("a") as f:
         f.write('{"step": 110, "loss": 1.2, "lr"')
@@ -351,3 +380,9 @@ def test_inspect_data_errors(run_dir, corpus, tmp_path, cli):
     cli.assert_one_line_error(cli.invoke("inspect", "data"), "no dataset")
     cli.assert_one_line_error(cli.invoke("inspect", "data", corpus, "--tokenizer", "nope"),
                               "unknown")
+    cli.assert_one_line_error(cli.invoke("inspect", "data", corpus, "--tokenizer", ""),
+                              "empty tokenizer spec")  # not the default, byte
+    cli.assert_one_line_error(cli.invoke("inspect", "data", corpus, "--context", "0"),
+                              "--context")
+    cli.assert_one_line_error(cli.invoke("inspect", "data", corpus, "--val-fraction", "1"),
+                              "--val-fraction must be in (0, 1)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ from rich.text import Text
 
 from minigpt_cli.cli import ui
 from minigpt_cli.cli.charts import HeatMap, visible
-from minigpt_cli.cli.commands.inspect.common import emit_json, token_pieces, wrote
+from minigpt_cli.cli.commands.inspect.common import emit_json, read_stdin, token_pieces, wrote
 
 NAME = "attention"
 EXAMPLES = """Examples:
@@ -45,7 +44,7 @@ def command(
     run = load_run(model, "cpu")
     check_layer_head(run.model, layer, head)
     if text == "-":
-        text = sys.stdin.read()
+        text = read_stdin()
     ids = [int(i) for i in run.tokenizer.encode(text)]
     context = run.config.model.max_seq_length
     if len(ids) > context:

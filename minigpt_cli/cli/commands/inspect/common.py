@@ -3,8 +3,10 @@ spec or run directory, and the text of each token."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from minigpt_cli.cli import ui
-from minigpt_cli.errors import TokenizerError
+from minigpt_cli.errors import MiniGPTError, TokenizerError
 from minigpt_cli.run.layout import TOKENIZER_DIR, is_run_dir
 
 if TYPE_CHECKING:
@@ -24,6 +26,16 @@ MAX_PREFIX_DECODE = 2000  # longer texts: decode each token alone instead of by 
 
 def emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def read_stdin() -> str:
+    """Standard input as UTF-8 text, whatever the locale; a MiniGPTError when it is not."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MiniGPTError(f"the text on stdin is not UTF-8 (bad byte at offset {e.start})",
+                           "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from e
 
 
 def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
@@ -61,7 +73,7 @@ def resolve_tokenizer(spec: str, training_text: TextSource | None = None):
     import minigpt_tokenizers
 
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if spec.strip() and path.is_dir():  # Path("") is the current folder
         from minigpt_cli.run.load import load_tokenizer
 
         if is_run_dir(path) or (path / TOKENIZER_DIR / minigpt_tokenizers.META_FILE).is_file():
@@ -87,15 +99,24 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
 
     Decoding growing prefixes keeps multi-byte characters that span several tokens whole
     (the piece goes to the token that completes the character) and keeps tokenizers that
-    drop a leading space when a token is decoded alone honest.
+    drop a leading space when a token is decoded alone honest. With ``decode_bytes`` the
+    prefixes are decoded from their bytes, so that only an unfinished character waits and
+    a U+FFFD of the text (a ``char`` tokenizer's unknown character) stays with its token;
+    without it, every U+FFFD at the end of a prefix is taken for an unfinished character.
     """
     if len(ids) > MAX_PREFIX_DECODE:
         return [tokenizer.decode([i]) for i in ids]
+    decode_bytes = getattr(tokenizer, "decode_bytes", None)
     pieces, emitted = [], ""
     for i in range(len(ids)):
-        text = tokenizer.decode(ids[:i + 1])
-        if i + 1 < len(ids):
-            text = text.rstrip("\ufffd")  # an unfinished character: wait for its last byte
+        last = i + 1 == len(ids)
+        if decode_bytes is not None:  # an unfinished character waits for its last byte
+            text = codecs.getincrementaldecoder("utf-8")("replace").decode(
+                decode_bytes(ids[:i + 1]), final=last)
+        else:
+            text = tokenizer.decode(ids[:i + 1])
+            if not last:
+                text = text.rstrip("\ufffd")
         common = os.path.commonprefix([emitted, text])
         pieces.append(text[len(common):])
         emitted = text

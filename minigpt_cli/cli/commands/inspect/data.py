@@ -85,8 +85,9 @@ def command(
                                                   else DEFAULT_CHAT_TEMPLATE), "template")
         source.template = chat_template
     tok = load_tokenizer(model) if model is not None else resolve_tokenizer(
-        tokenizer or "byte", lambda: source.iter_text("train"))
-    window = context or (config.model.max_seq_length if config is not None else 128)
+        "byte" if tokenizer is None else tokenizer, lambda: source.iter_text("train"))
+    window = context if context is not None else (
+        config.model.max_seq_length if config is not None else 128)
     if window <= 0:
         raise MiniGPTError(f"--context must be positive, got {window}")
     chat_info = None

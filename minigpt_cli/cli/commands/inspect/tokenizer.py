@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
 from minigpt_cli.cli import ui
-from minigpt_cli.cli.commands.inspect.common import emit_json, resolve_tokenizer, token_pieces
+from minigpt_cli.cli.commands.inspect.common import (
+    emit_json,
+    read_stdin,
+    resolve_tokenizer,
+    token_pieces,
+)
 
 NAME = "tokenizer"
 SAMPLE_TEXT = "Hello, world! Tokenizers cut text into pieces: naïve café, 3.14159, def f(x):"
@@ -52,7 +56,7 @@ def command(
     if text is None:
         text = SAMPLE_TEXT if source is None else _opening(source, corpus["split"])
     elif text == "-":
-        text = sys.stdin.read()
+        text = read_stdin()
     ids = [int(i) for i in tok.encode(text)]
     pieces = token_pieces(tok, ids)
     num_bytes = len(text.encode("utf-8", errors="surrogatepass"))
