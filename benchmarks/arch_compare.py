@@ -100,7 +100,7 @@ def load() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, help="seconds of `minigpt train` per trial "
                    "(default 240, or 20 with --quick)")
     p.add_argument("--quick", action="store_true", help="short trials, to check it works")

@@ -261,7 +261,7 @@ def _ratios(streams: list[dict], bases: list[float]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--max-batch", type=int, default=16)

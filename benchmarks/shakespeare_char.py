@@ -62,7 +62,7 @@ def trial(name: str, train_args: list[str], cwd: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("recipe", "preset"))
     p.add_argument("--preset", default="shakespeare-char", help="the preset to time")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

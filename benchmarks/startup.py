@@ -53,8 +53,12 @@ def median_seconds(cmd: list[str], runs: int, env: dict[str, str] | None = None)
     times = []
     for i in range(runs + 1):
         start = time.perf_counter()
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
-                       env=full_env)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              check=False, env=full_env)
+        if done.returncode != 0:  # a command that fails at once is no start-up time
+            last = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
+            raise SystemExit(f"{' '.join(cmd)} failed with exit code {done.returncode}"
+                             + (f": {last}" if last else ""))
         if i:  # the first run warms the file cache
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -64,6 +68,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="processes per command")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
     if shutil.which("minigpt") is None:
         print("minigpt is not on PATH: install it first (pip install -e .)", file=sys.stderr)
         return 1

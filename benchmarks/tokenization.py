@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=100)
     ap.add_argument("--sentencepiece", action="store_true")
     args = ap.parse_args()
+    if args.mb < 1:
+        ap.error(f"--mb must be at least 1, got {args.mb}")
     ranks = SHARED / "tokenizers" / "gpt2.tiktoken"
     if not ranks.is_file():
         sys.exit(f"{ranks} not found (set MINIGPT_SHARED_DIR)")
