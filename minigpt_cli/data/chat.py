@@ -103,7 +103,13 @@ def read_jsonl(path: Path) -> list[Conversation]:
 
 
 def looks_like_chat(path: Path) -> bool:
-    """Whether a file's first non-blank line is a JSON object with ``messages``.
+    """Whether a file's first non-blank line is a JSON object with ``messages``."""
+    obj = first_json_line(path)
+    return isinstance(obj, dict) and "messages" in obj
+
+
+def first_json_line(path: Path) -> Any:
+    """The JSON value of a file's first non-blank line; None when it is not JSON.
 
     In a JSON Lines file (``.jsonl``), a first line that starts like an object but is not
     JSON is the same error as a broken line further on, not a sign of plain text.
@@ -116,18 +122,17 @@ def looks_like_chat(path: Path) -> bool:
                 try:
                     line = raw.decode("utf-8-sig")
                 except UnicodeDecodeError:
-                    return False  # not text: the text reader says why
+                    return None  # not text: the text reader says why
                 try:
-                    obj = json.loads(line)
+                    return json.loads(line)
                 except ValueError as e:
                     if path.suffix.lower() in JSON_LINES and raw.lstrip().startswith(b"{"):
                         raise DataError(f"{path}:{lineno}: not JSON "
                                         f"({getattr(e, 'msg', e)})") from e
-                    return False
-                return isinstance(obj, dict) and "messages" in obj
+                    return None
     except OSError:
-        return False
-    return False
+        return None
+    return None
 
 
 def chat_folder_files(folder: Path) -> dict[str, Path]:

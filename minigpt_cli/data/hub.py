@@ -34,10 +34,10 @@ class HubSource(DataSource):
     """A dataset from the Hugging Face Hub (or its local cache)."""
 
     def __init__(self, path: str, config: str | None, val_fraction: float = 0.1,
-                 name: str | None = None, dsd: Any = None):
+                 name: str | None = None, dsd: Any = None, data_files: str | None = None):
         self.name = name or (f"hf:{path}:{config}" if config else f"hf:{path}")
-        self.path, self.config = path, config
-        dsd = load(path, config, self.name) if dsd is None else dsd
+        self.path, self.config, self.data_files = path, config, data_files
+        dsd = load(path, config, self.name, data_files) if dsd is None else dsd
         # canonical split -> (hf split name, first row, end row)
         self._parts: dict[str, tuple[str, int, int]] = {}
         self._data: dict[str, Any] = {}
@@ -93,6 +93,9 @@ class HubSource(DataSource):
         hf_split = self._parts[self.check_split(split)][0]
         ident = (f"hf-v{JOIN_VERSION}\0{self.path}\0{self.config}\0{hf_split}\0{lo}\0{hi}\0"
                  f"{self.column}\0{getattr(ds, '_fingerprint', '')}")
+        if self.data_files is not None:  # a local file: its own identity too
+            st = os.stat(self.data_files)
+            ident += f"\0{os.path.abspath(self.data_files)}\0{st.st_size}\0{st.st_mtime_ns}"
         return hashlib.sha256(ident.encode()).hexdigest()
 
     def size_hint(self, split: str) -> int:
@@ -108,24 +111,26 @@ class HubSource(DataSource):
             return 0
 
     def describe(self) -> dict[str, Any]:
+        files = {} if self.data_files is None else {"data_files": self.data_files}
         return {"name": self.name, "kind": "hf", "path": self.path, "config": self.config,
-                "text_column": self.column,
+                **files, "text_column": self.column,
                 "splits": {s: {"hf_split": p[0], "rows": p[2] - p[1]}
                            for s, p in self._parts.items()}}
 
 
 def hub_source(path: str, config: str | None, val_fraction: float, name: str,
-               fmt: str = "auto") -> DataSource:
+               fmt: str = "auto", data_files: str | None = None) -> DataSource:
     """A text source, or conversations when the dataset has a ``messages`` column (unless
-    ``fmt`` is ``text``; ``chat`` insists on one)."""
-    dsd = load(path, config, name)
+    ``fmt`` is ``text``; ``chat`` insists on one). With ``data_files``, ``path`` is one of
+    ``datasets``' own builders (``json``, ``parquet``) reading that local file."""
+    dsd = load(path, config, name, data_files)
     first = dsd[next(iter(dsd))]
     has_messages = "messages" in (getattr(first, "column_names", None) or [])
     if fmt == "chat" and not has_messages:
         raise DataError(f"{name} has no 'messages' column, so it is not chat data",
                         "set data.format to text, or use a dataset of conversations")
     if fmt == "text" or not has_messages:
-        return HubSource(path, config, val_fraction, name, dsd)
+        return HubSource(path, config, val_fraction, name, dsd, data_files)
     return _chat_source(dsd, val_fraction, name)
 
 
@@ -155,6 +160,10 @@ def text_column(ds: Any, name: str) -> str:
                if getattr(feat, "dtype", None) in ("string", "large_string")]
     if "text" in strings:
         return "text"
+    if not strings and "text" in features:
+        raise DataError(f"{name}: its 'text' column does not hold strings only "
+                        f"({getattr(features['text'], 'dtype', features['text'])})",
+                        "every row's text must be a string")
     if not strings:
         raise DataError(f"{name} has no text column",
                         f"its columns are {', '.join(features) or 'none'}; minigpt needs a "
@@ -162,7 +171,7 @@ def text_column(ds: Any, name: str) -> str:
     return strings[0]
 
 
-def load(path: str, config: str | None, name: str) -> Any:
+def load(path: str, config: str | None, name: str, data_files: str | None = None) -> Any:
     """``datasets.load_dataset(path, config)`` with its failures turned into DataErrors.
 
     With no route to the Hub, the call runs in offline mode, so that ``datasets`` answers
@@ -175,15 +184,72 @@ def load(path: str, config: str | None, name: str) -> Any:
         raise DataError("the 'datasets' package is needed for Hugging Face datasets",
                         "pip install datasets, or use a local text file") from e
     try:
-        with _offline(not datasets.config.HF_HUB_OFFLINE and not _hub_reachable()):
-            dsd = datasets.load_dataset(path, config)
+        # a local file needs no network: datasets' own builders read it
+        with _offline(data_files is not None or (not datasets.config.HF_HUB_OFFLINE
+                                                 and not _hub_reachable())):
+            if data_files is None:
+                dsd = datasets.load_dataset(path, config)
+            else:
+                dsd = _quietly(datasets, lambda: datasets.load_dataset(path,
+                                                                       data_files=data_files))
     except Exception as e:
+        if data_files is not None:
+            if path == "json":
+                _check_json_lines(data_files)
+            raise DataError(f"cannot read {name}: {_cause(e)}",
+                            "a JSON Lines file holds one JSON object per line, each with a "
+                            "string field such as 'text'" if path == "json" else
+                            "a Parquet file with a column of strings such as 'text'") from e
         raise _classify(e, name) from e
     if not hasattr(dsd, "keys"):
         dsd = {"train": dsd}
     if not len(dsd):
         raise DataError(f"{name} has no splits")
     return dsd
+
+
+def _quietly(datasets: Any, load_it: Any) -> Any:
+    """``load_it()`` without the progress bars and log lines of ``datasets``: a local file
+    is read in a moment, and what goes wrong is raised, to be said once."""
+    bars = not datasets.utils.are_progress_bars_disabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    try:
+        return load_it()
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of the error under ``datasets``' own wrapper (the parser's)."""
+    while type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_json_lines(path: str) -> None:
+    """A DataError naming the first line of a JSON Lines file that is not a JSON object."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: not JSON ({getattr(e, 'msg', e)})",
+                                    "one JSON object per line") from e
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: not a JSON object",
+                                    "one JSON object per line")
+    except (OSError, UnicodeDecodeError):
+        return  # the caller's own message says it
 
 
 @contextmanager

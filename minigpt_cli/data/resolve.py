@@ -8,6 +8,8 @@ Accepted forms, checked in this order:
 * ``stdlib-docs`` - the built-in corpus of standard-library docstrings (``corpus.py``).
   Built-in names win over a same-named local file; write ``./stdlib-docs`` for the file.
 * ``tinyshakespeare`` - downloaded once into the cache.
+* a file of records: JSON Lines (``.jsonl``) whose first line is an object, a ``.json`` file
+  of objects, or ``.parquet``; read through ``datasets`` by their text column (``hub.py``).
 * a text file - the last ``val_fraction`` of its bytes, cut just after the first newline at
   or past that point (before it when there is none), is validation; the rest is training.
 * a folder with ``train.txt``/``valid.txt``/``val.txt``/``validation.txt``/``test.txt`` or
@@ -17,7 +19,7 @@ Accepted forms, checked in this order:
 Conversations (``chat.py``): a JSONL file whose first line is ``{"messages": [...]}``, a
 folder with ``train.jsonl`` (and ``valid.jsonl``), or ``hf:NAME`` with a ``messages``
 column are read as chat data; ``fmt`` (``data.format``) ``chat`` insists on it and ``text``
-reads them as plain text.
+reads them, and files of records, as plain text.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from minigpt_cli.data.source import DataSource
 from minigpt_cli.errors import DataError
 from minigpt_cli.fileio import atomic_write
 
-ACCEPTED = ("a text file, a folder with train/valid/test text files, wikitext-2, "
+ACCEPTED = ("a text file, a .jsonl/.json/.parquet file of records with a text column, a "
+            "folder with train/valid/test text files, wikitext-2, "
             "wikitext-103, tinyshakespeare, hf:NAME[:CONFIG] or stdlib-docs")
 
 
@@ -72,6 +75,9 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, fmt: str = "auto", *
     path = Path(spec).expanduser()
     if path.is_file() and (fmt == "chat" or (fmt == "auto" and chat.looks_like_chat(path))):
         return chat.file_source(spec, path, val_fraction)
+    builder = _records_builder(path) if path.is_file() and fmt != "text" else None
+    if builder is not None:
+        return hub.hub_source(builder, None, val_fraction, spec, fmt, data_files=str(path))
     if path.is_dir():
         _check_folder(path)
     if path.is_dir() and fmt != "text" and (fmt == "chat" or chat.chat_folder_files(path)):
@@ -87,6 +93,25 @@ def resolve_source(dataset: str, val_fraction: float = 0.1, fmt: str = "auto", *
     looks_like_path = os.sep in spec or "/" in spec or "." in Path(spec).name
     what = "file or folder not found" if looks_like_path else "unknown dataset"
     raise DataError(f"{what}: {spec}", f"use {ACCEPTED}")
+
+
+def _records_builder(path: Path) -> str | None:
+    """``json`` or ``parquet`` for a file of records (JSON Lines whose first line is an
+    object, a JSON file of objects, a Parquet file), read by ``datasets`` through its text
+    column; None for anything else, which is read as text."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix not in (*chat.JSON_LINES, ".json"):
+        return None
+    if suffix == ".json":
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1 << 12).lstrip(b"\xef\xbb\xbf \t\r\n")
+        except OSError:
+            return None  # the text reader says why
+        return "json" if head[:1] in (b"[", b"{") else None
+    return "json" if isinstance(chat.first_json_line(path), dict) else None
 
 
 def _check_folder(path: Path) -> None:

@@ -121,3 +121,73 @@ def test_hf_messages_column_is_chat_data(monkeypatch):
     rows["train"] = [conv] * 3 + [[{"role": "user", "content": "no reply"}]]
     with pytest.raises(DataError, match="train row 3: no assistant turn"):
         resolve_source("hf:someone/chats")
+
+
+@pytest.fixture
+def records_cache(monkeypatch, tmp_path):
+    """``datasets`` keeps what it reads from local files under the test's folder."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return tmp_path
+
+
+TEXTS = [f"Document {i}: {'word ' * (i % 7)}end." for i in range(40)]
+
+
+def test_a_jsonl_json_or_parquet_file_of_records_is_read_by_its_text_column(records_cache,
+                                                                              joined):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = records_cache
+    (folder / "a.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                            for i, t in enumerate(TEXTS)))
+    (folder / "b.json").write_text(json.dumps([{"text": t} for t in TEXTS]))
+    pq.write_table(pa.table({"n": list(range(40)), "text": TEXTS}), folder / "c.parquet")
+    for name in ("a.jsonl", "b.json", "c.parquet"):
+        src = resolve_source(str(folder / name), 0.1)
+        assert src.describe()["text_column"] == "text"
+        assert joined(src, "train") == "".join(t + "\n" for t in TEXTS[:36])
+        assert joined(src, "val") == "".join(t + "\n" for t in TEXTS[36:])
+    # raw JSON when asked for text
+    raw = resolve_source(str(folder / "a.jsonl"), 0.1, "text")
+    assert joined(raw, "train").startswith('{"id": 0, "text": "Document 0: end."}\n')
+
+
+def test_a_records_file_changed_in_place_gets_a_new_fingerprint(records_cache):
+    import json
+
+    path = records_cache / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    before = resolve_source(str(path), 0.1).fingerprint("train")
+    path.write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in TEXTS))
+    os.utime(path, ns=(1, 1))
+    assert resolve_source(str(path), 0.1).fingerprint("train") != before
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{"text": "fine"}\n{broken\n', r"a\.jsonl:3: not JSON"),
+    ('{"text": "ok"}\n[1, 2]\n', r"a\.jsonl:2: not a JSON object"),
+    ('{"text": "ok"}\n{"text": 5}\n', r"'text' column does not hold strings"),
+    ('{"n": 1}\n{"n": 2}\n', r"has no text column .*its columns are n"),
+])
+def test_a_bad_records_file_is_one_line_naming_it(records_cache, content, message):
+    path = records_cache / "a.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as e:
+        resolve_source(str(path), 0.1)
+    assert "\n" not in e.value.message
+
+
+def test_a_jsonl_of_conversations_stays_chat_data(records_cache):
+    import json
+
+    from minigpt_cli.data.chat import ChatSource
+
+    path = records_cache / "chats.jsonl"
+    line = {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "hello"}]}
+    path.write_text((json.dumps(line) + "\n") * 20)
+    assert isinstance(resolve_source(str(path), 0.1), ChatSource)
