@@ -167,18 +167,38 @@ def _read_range(seg: Segment, block: int) -> Iterator[bytes]:
 def _iter_segments(segments: list[Segment]) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     buf = bytearray()
+    marks: list[tuple[int, Path, int]] = []  # (position in buf, file, offset in it) of each read
 
-    def decode(data: bytes, path: Path, final: bool = False) -> str:
+    def where(pos: int) -> tuple[Path, int]:
+        start, path, offset = next(m for m in reversed(marks) if m[0] <= pos)
+        return path, offset + pos - start
+
+    def decode(data: bytes, final: bool = False) -> str:
+        """The start of ``buf`` as text, checked here too: ``check_text_file`` only looks at
+        the start of a file."""
+        nul = data.find(b"\0")
+        if nul >= 0:
+            path, offset = where(nul)
+            raise DataError(f"{path} is binary (a NUL byte at offset {offset}), not text",
+                            "minigpt reads UTF-8 text files")
         try:
             return decoder.decode(data, final=final)
         except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text",
+            path, offset = where(e.start)
+            raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset})",
                             "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from e
 
-    path = segments[0].path if segments else Path()
+    def consumed(cut: int) -> None:
+        path, offset = where(cut)
+        kept = [(pos - cut, p, o) for pos, p, o in marks if pos > cut]
+        del buf[:cut]
+        marks[:] = [(0, path, offset), *kept]
+
     for seg in segments:
-        path = seg.path
+        offset = seg.start
         for data in _read_range(seg, CHUNK_BYTES):
+            marks.append((len(buf), seg.path, offset))
+            offset += len(data)
             buf += data
             if len(buf) < CHUNK_BYTES:
                 continue
@@ -187,10 +207,10 @@ def _iter_segments(segments: list[Segment]) -> Iterator[str]:
                 if len(buf) < MAX_CHUNK_BYTES:
                     continue
                 cut = len(buf)
-            text = decode(bytes(buf[:cut]), path)
-            del buf[:cut]
+            text = decode(bytes(buf[:cut]))
+            consumed(cut)
             if text:
                 yield text
-    text = decode(bytes(buf), path, final=True)
+    text = decode(bytes(buf), final=True)
     if text:
         yield text

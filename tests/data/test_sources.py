@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,18 @@ def test_tinyshakespeare_download_is_cached(tmp_path, monkeypatch):
         source = resolve_source("tinyshakespeare", cache_dir=tmp_path)
         assert source.splits() == ["train", "val"]
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("bad, message", [(b"\0", "binary (a NUL byte at offset {})"),
+                                          (b"\xff", "not UTF-8 text (bad byte at offset {})")])
+def test_a_bad_byte_past_the_checked_start_is_named_with_its_offset(tmp_path, bad, message):
+    """check_text_file looks at the first 4 MiB; reading the rest checks it as well."""
+    line = b"All the world's a stage, and all the men and women merely players.\n"
+    head = line * ((files.CHECK_BYTES + 3 * files.CHUNK_BYTES) // len(line))
+    path = tmp_path / "late.txt"
+    path.write_bytes(head + b"They have their exits " + bad + b"and entrances.\n" + line * 10)
+    src = resolve_source(str(path), 0.5)  # the bad byte is in val, past a few chunks
+    assert "".join(src.iter_text("train"))
+    with pytest.raises(DataError, match=re.escape(message.format(len(head) + 22))):
+        for _ in src.iter_text("val"):
+            pass
