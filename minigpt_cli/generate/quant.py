@@ -11,9 +11,10 @@ cache) stays fp32. It is the one entry point that commands and the server call.
   multiple of the group stays int8.
 
 Both kernels take bf16 activations (their fp32 variants are 5-15x slower on AVX2 and
-AVX-512 alike), so the inputs of a quantised layer are rounded to bf16; the products and
-the outputs are fp32. Scales are chosen as bf16 values first and the weights quantised
-against them, so the kernels see exactly the weights that ``dequantize`` gives.
+AVX-512 alike), so the inputs of a quantised layer are rounded to bf16; the products are
+summed in fp32 and returned rounded to bf16 (8 significant bits), as fp32. Scales are
+chosen as bf16 values first and the weights quantised against them, so the kernels see
+exactly the weights that ``dequantize`` gives.
 
 The decoding head (``DecodingHead``) keeps an int8 copy of the head even without
 ``quantize_model``; on CPUs with int8 dot products (VNNI, AMX) it multiplies int8 by int8
@@ -39,6 +40,9 @@ from minigpt_cli.errors import MiniGPTError
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP = 32  # inputs per int4 scale and zero; the kernel takes 32, 64, 128 or 256
 _INT4_ROWS = 16  # the int4 kernel wants a multiple of 16 output rows: pad with zeros
+# torch._weight_int8pack_mm reads 16 inputs at a time with aligned loads (8 on AVX2) and no
+# tail: a width that is not a multiple of 16 gives wrong sums or a segfault. Pad with zeros.
+_INT8_WIDTH = 16
 
 
 class QuantizedLinear(nn.Module):
@@ -87,14 +91,26 @@ class Int8Linear(QuantizedLinear):
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("qweight", q.contiguous())  # (N, K)
+        self.register_buffer("qweight", pad_width(q))  # (N, K'), K' >= K
         self.register_buffer("scales", scales)  # (N,)
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float()[:, None]
+        return self.qweight[:, :self.in_features].float() * self.scales.float()[:, None]
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+        return int8pack_mm(x, self.qweight, self.scales)
+
+
+def pad_width(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (M, K) with zero columns added up to a width the int8 kernel takes."""
+    pad = -t.size(1) % _INT8_WIDTH
+    return (F.pad(t, (0, pad)) if pad else t).contiguous()
+
+
+def int8pack_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, K) times the int8 weights ``q`` (N, K') of ``pad_width``, one bf16 scale
+    per row: (M, N) in bf16, by ``torch._weight_int8pack_mm``."""
+    return torch._weight_int8pack_mm(pad_width(x.to(torch.bfloat16)), q, scales)
 
 
 class Int4Linear(QuantizedLinear):
@@ -218,6 +234,8 @@ class DecodingHead:
                 for kernel in int8_kernels() if kernels is None else kernels:
                     self.kernel = kernel
                     self.scales = scales if kernel != "int8pack" else scales.to(torch.bfloat16)
+                    if kernel == "int8pack":
+                        self.q = pad_width(self.q)
                     self.mode = "int8"
                     try:  # the kernels are CPU- and build-dependent: check once
                         self._check_kernel(w.size(1))
@@ -257,8 +275,7 @@ class DecodingHead:
                 return int8_by_int8(x, None, self.scales, self.packed)
             if self.kernel == "int8xint8":
                 return int8_by_int8(x, self.q, self.scales)
-            return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.q,
-                                             self.scales).float()
+            return int8pack_mm(x, self.q, self.scales).float()
         if self.mode == "fp32":
             return x @ self.t
         return F.linear(x, self.weight)

@@ -213,8 +213,15 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        """Exact count of trainable numbers; the tied head is counted once."""
-        return sum(p.numel() for p in self.parameters())
+        """Exact count of the model's weights; the tied head is counted once. A linear
+        layer that quantisation replaced (weights held as buffers) counts as the layer."""
+        n = sum(p.numel() for p in self.parameters())
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) or not hasattr(m, "dequantize"):
+                continue
+            if name != "lm_head" or not self.config.tie_embeddings:
+                n += m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+        return n
 
     @property
     def tied(self) -> bool:

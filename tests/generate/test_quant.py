@@ -72,6 +72,33 @@ def test_dequantized_weights_round_to_the_nearest_level(mode, bits):
         torch.testing.assert_close(layer(x[None])[0], layer(x))  # any leading shape
 
 
+@pytest.mark.parametrize("width", [40, 100, 8])
+def test_int8_layers_of_any_width_give_the_dequantised_products(width):
+    """The int8 kernel reads its inputs 16 at a time: other widths are padded, never read
+    past their end (which gave wrong sums, or a segfault, for batches of rows)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(width, 65)
+    layer = quant.Int8Linear(lin)
+    assert layer.weight.shape == (65, width)
+    x = torch.randn(7, width)
+    with torch.inference_mode():
+        want = x.bfloat16().float() @ layer.weight.t() + lin.bias
+        torch.testing.assert_close(layer(x), want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(layer(x[3:4]), layer(x)[3:4])
+
+
+def test_int8_decoding_head_of_a_width_not_a_multiple_of_16():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lm_head = nn.Linear(40, 300, bias=False)
+    head = quant.DecodingHead(model, quantize=True, kernels=["int8pack"])
+    assert head.mode == "int8" and head.kernel == "int8pack"
+    x = torch.randn(5, 40)
+    with torch.inference_mode():
+        ref = torch.nn.functional.linear(x, model.lm_head.weight)
+        assert (head(x) - ref).abs().max() < 0.02 * ref.abs().max()
+
+
 def test_any_model_of_linear_layers_is_quantized():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64, bias=False))
@@ -85,6 +112,19 @@ def test_any_model_of_linear_layers_is_quantized():
     assert [m.mode for m in q if isinstance(m, quant.QuantizedLinear)] == ["int4", "int4"]
     q = quant.quantize_model(copy.deepcopy(model), "int4", group=128)  # they do not: int8
     assert [m.mode for m in q if isinstance(m, quant.QuantizedLinear)] == ["int8", "int8"]
+
+
+@pytest.mark.parametrize("mode", quant.QUANTIZE_MODES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_quantized_model_counts_the_parameters_it_had(toy_model, mode, tied):
+    """``chat``'s /show prints ``num_params``: quantised layers hold buffers, not
+    parameters, and still count (the tied head once)."""
+    model = toy_model
+    if not tied:
+        model = copy.deepcopy(toy_model)
+        model.config.tie_embeddings = False
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    assert quantized(model, mode).num_params() == model.num_params()
 
 
 def test_no_quantization_leaves_the_model_as_it_is(toy_model):
