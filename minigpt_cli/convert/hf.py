@@ -167,10 +167,15 @@ def model_config(raw: dict[str, Any], origin: str) -> ModelConfig:
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < math.inf:
         raise ConvertError(f"{origin}: 'layer_norm_epsilon' in config.json must be a positive "
                            f"number, got {eps!r}")
+    dropout = raw.get("resid_pdrop") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or \
+            not math.isfinite(dropout):
+        raise ConvertError(f"{origin}: 'resid_pdrop' in config.json must be a number, got "
+                           f"{dropout!r}")
     cfg = ModelConfig(vocab_size=get("vocab_size"), max_seq_length=get("n_positions"),
                       embed_dim=embed, num_heads=heads, num_layers=get("n_layer"),
                       ff_dim=inner if isinstance(inner, int) and inner > 0 else 4 * embed,
-                      dropout=float(raw.get("resid_pdrop", 0.0) or 0.0), bias=bias,
+                      dropout=float(dropout), bias=bias,
                       norm_eps=float(eps),
                       tie_embeddings=raw.get("tie_word_embeddings", True) is not False)
     cfg.dropout = min(max(cfg.dropout, 0.0), 0.99)

@@ -154,10 +154,20 @@ def model_config(raw: dict[str, Any], origin: str) -> ModelConfig:
                                f"got {value!r}")
         return value
 
+    def number(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or \
+                not math.isfinite(value):
+            raise ConvertError(f"{origin}: '{key}' in config.json must be a number, "
+                               f"got {value!r}")
+        return float(value)
+
     embed, heads = get("hidden_size"), get("num_attention_heads")
     kv_heads = get("num_key_value_heads", heads)
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    if not isinstance(rope, dict):
+        raise ConvertError(f"{origin}: 'rope_parameters' in config.json must be an object, "
+                           f"got {rope!r}")
+    theta = number("rope_theta", rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
     head_dim = raw.get("head_dim") or embed // heads
     checks = [
         (raw.get("hidden_act", "silu") == "silu", f"hidden_act {raw.get('hidden_act')!r}"),
@@ -172,13 +182,13 @@ def model_config(raw: dict[str, Any], origin: str) -> ModelConfig:
     for ok, what in checks:
         if not ok:
             raise ConvertError(f"{origin} uses {what}, which minigpt's model does not compute")
-    eps = float(raw.get("rms_norm_eps", 1e-6))
+    eps = number("rms_norm_eps", raw.get("rms_norm_eps", 1e-6))
     cfg = ModelConfig(vocab_size=get("vocab_size"),
                       max_seq_length=get("max_position_embeddings"), embed_dim=embed,
                       num_heads=heads, num_layers=get("num_hidden_layers"),
                       ff_dim=get("intermediate_size"),
-                      dropout=min(max(float(raw.get("attention_dropout", 0.0) or 0.0), 0.0),
-                                  0.99),
+                      dropout=min(max(number("attention_dropout",
+                                             raw.get("attention_dropout") or 0.0), 0.0), 0.99),
                       bias=bool(raw.get("attention_bias", False)), **LLAMA,
                       rope_theta=float(theta),
                       num_kv_heads=kv_heads if kv_heads != heads else None,

@@ -387,3 +387,15 @@ def test_hf_sources_download_through_the_hub_client(tmp_path, monkeypatch):
     assert asked[0][0] == "someone/gpt2" and "config.json" in asked[0][1]
     with pytest.raises(Exception, match="cannot get nobody/x from the Hugging Face Hub: 404"):
         resolve("hf:nobody/x")
+
+
+@pytest.mark.parametrize("value", ["0.1", [0.1], float("inf")])
+def test_a_malformed_gpt2_dropout_is_a_convert_error(value):
+    from minigpt_cli.errors import ConvertError
+
+    cfg = ModelConfig(vocab_size=257, max_seq_length=16, embed_dim=32, num_heads=4)
+    raw = {**hf.gpt2_config(cfg, eot_id=256), "resid_pdrop": value}
+    with pytest.raises(ConvertError, match="resid_pdrop"):
+        hf.model_config(raw, "folder")
+    raw["resid_pdrop"] = 0.1
+    assert hf.model_config(raw, "folder").dropout == pytest.approx(0.1)

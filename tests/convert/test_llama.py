@@ -171,3 +171,16 @@ def test_rope_scaling_is_refused_on_import(tmp_path):
     (folder / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConvertError, match="rope scaling 'llama3'"):
         resolve(str(folder))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("rms_norm_eps", None), ("rms_norm_eps", "1e-5"), ("rope_theta", "10000"),
+    ("rope_parameters", [10000.0]), ("attention_dropout", "0.1"), ("rms_norm_eps", float("nan")),
+])
+def test_a_malformed_llama_config_is_a_convert_error(key, value):
+    raw = llama.llama_config(toy(), eot_id=256, tied=True)
+    if key == "rope_theta":
+        del raw["rope_parameters"]
+    raw[key] = value
+    with pytest.raises(ConvertError, match=key):
+        llama.model_config(raw, "folder")
