@@ -79,6 +79,17 @@ def test_inspect_model(tmp_path, corpus, toy_run, toy_gpt, cli):
     cli.assert_one_line_error(cli.invoke("inspect", "model", "--model", run_dir / "nope"))
 
 
+@pytest.mark.parametrize("kv_heads, kind", [(1, "(multi-query)"), (2, "(grouped-query)"),
+                                             (4, None)])
+def test_inspect_model_names_the_kind_of_attention_heads(tmp_path, corpus, toy_run, cli,
+                                                         kv_heads, kind):
+    run_dir = toy_run(tmp_path / "run", corpus, num_heads=4, num_kv_heads=kv_heads)
+    out = cli.ok_text("inspect", "model", "--model", run_dir)
+    line = next(ln for ln in out.splitlines() if "kv heads" in ln)
+    assert line.split()[2] == str(kv_heads)
+    assert (kind in line) if kind else "query" not in line
+
+
 def test_inspect_model_shows_the_length_that_rules_and_the_epochs_trained(tmp_path, corpus,
                                                                           toy_run, cli):
     from minigpt_cli.config import Config

@@ -75,7 +75,8 @@ def command(
         ("positions / norm", f"{m.position}"
          + (f" (theta {m.rope_theta:g})" if m.position == "rope" else "")
          + f" / {m.norm}" + (" + qk-norm" if m.qk_norm else "")),
-        ("kv heads", f"{m.kv_heads}" + (" (grouped-query)" if m.kv_heads < m.num_heads
+        ("kv heads", f"{m.kv_heads}" + (" (multi-query)" if m.kv_heads == 1 < m.num_heads
+                                        else " (grouped-query)" if m.kv_heads < m.num_heads
                                         else "")),
         ("dropout / bias", f"{m.dropout:g} / {'yes' if m.bias else 'no'}"),
     ])
