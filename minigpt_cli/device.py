@@ -107,6 +107,16 @@ def select_precision(requested: str, device: torch.device) -> Precision:
                       setting="precision")
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: a GPU's out-of-memory error, the CPU
+    allocator's (a RuntimeError) or NumPy's (MemoryError)."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text
+                                            or "out of memory" in text)
+
+
 def configure_backends(device: torch.device) -> None:
     """Fast paths that do not change results meaningfully: TF32 matmuls on Ampere+; on the
     CPU, freed memory kept for reuse (see ``keep_freed_memory``)."""

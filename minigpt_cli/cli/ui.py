@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import typer
@@ -62,6 +64,25 @@ def guarded(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def quiet_after_broken_pipe(console: Console) -> Iterator[None]:
+    """While the block runs, ``console`` goes quiet when the reader of its output is gone
+    (``minigpt train | tee log``, and a Ctrl-C that ended tee too) instead of exiting as Rich
+    does: a long job goes on, and saves and says (on stderr) what it was asked to."""
+    def quiet() -> None:
+        console.quiet = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)  # later writes and the last flush
+            os.dup2(devnull, console.file.fileno())
+            os.close(devnull)
+
+    console.on_broken_pipe = quiet  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del console.on_broken_pipe
 
 
 def human_count(n: float) -> str:

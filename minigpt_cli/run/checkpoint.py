@@ -182,8 +182,8 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT | dict[str, torch.Tenso
         if best:
             atomic_write_text(ckpts / "best.json", pointer)
     except OSError as e:
-        then = (f"resume {run_dir}" if step_dirs(run_dir)
-                else f"remove {run_dir} and train again")
+        # without a checkpoint, `minigpt train` takes the new run back (nothing to resume)
+        then = f"resume {run_dir}" if step_dirs(run_dir) else "train again"
         raise CheckpointError(
             f"could not save the checkpoint of step {step} in {ckpts}: {e.strerror or e}; "
             f"{_last_good(run_dir)}", f"free some disk space, then {then}") from e

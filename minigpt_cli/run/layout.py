@@ -19,6 +19,7 @@ Nothing here follows a path or a link out of the run directory.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from minigpt_cli import paths
@@ -30,6 +31,8 @@ TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 CKPT_DIR = "checkpoints"
+# what a new run writes before its first checkpoint (chat_template.json: a chat run's template)
+NEW_RUN_FILES = (CONFIG_FILE, TOKENIZER_DIR, METRICS_FILE, CKPT_DIR, "chat_template.json")
 RUN_HINT = "pass a directory made by 'minigpt train'"
 
 
@@ -48,8 +51,12 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise CheckpointError(f"out {run_dir} is a file, not a directory",
                               "choose another run directory", setting="out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise CheckpointError(f"out {run_dir} already exists and is not empty",
-                              "resume it, or choose another run directory", setting="out")
+        hint = "resume it, or choose another run directory"
+        if (run_dir / CONFIG_FILE).is_file() and not has_checkpoint(run_dir):  # kill -9, say
+            hint = ("it is a run that stopped before its first checkpoint: remove it and train "
+                    "again, or choose another run directory")
+        raise CheckpointError(f"out {run_dir} already exists and is not empty", hint,
+                              setting="out")
     parent = run_dir
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -70,6 +77,33 @@ def create_run_dir(run_dir: Path) -> Path:
         raise CheckpointError(f"cannot write to {run_dir}: {e.strerror or e}",
                               "choose a writable run directory") from e
     return run_dir
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run has saved a checkpoint (a step directory, or the pointer to one)."""
+    ckpts = run_dir / CKPT_DIR
+    return ckpts.is_dir() and any(p.name == "latest.json" or p.name.startswith("step-")
+                                  for p in ckpts.iterdir())
+
+
+def discard_new_run_dir(run_dir: Path, made: bool) -> None:
+    """Take back a new run that failed (an error, Ctrl-C, SIGTERM) before its first
+    checkpoint: the files it wrote in ``run_dir`` go, and ``run_dir`` too if the run ``made``
+    it and nothing else is in it, so that the same command can run again. Nothing is lost: a
+    run without a checkpoint cannot be resumed. A run with a checkpoint is left as it is."""
+    try:
+        if has_checkpoint(run_dir):
+            return
+        for name in NEW_RUN_FILES:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if made:
+            run_dir.rmdir()
+    except OSError:  # best effort (a folder with other files is kept): the failure matters more
+        pass
 
 
 def write_run_files(run_dir: Path, config, tokenizer) -> None:

@@ -141,9 +141,12 @@ def lost(e: BaseException, step: int | None, last: Any = None) -> PeerLost:
     if step is None:
         return PeerLost(f"rank {_info.rank} lost the other processes while setting up the "
                         f"run ({why})", "start the job again on every node")
-    where = f"the last checkpoint is {last}" if last else "no checkpoint was saved yet"
-    return PeerLost(f"rank {_info.rank} lost the other processes at step {step} ({why}); "
-                    f"{where}", "resume the run with the same number of processes")
+    if last:
+        return PeerLost(f"rank {_info.rank} lost the other processes at step {step} ({why}); "
+                        f"the last checkpoint is {last}",
+                        "resume the run with the same number of processes")
+    return PeerLost(f"rank {_info.rank} lost the other processes at step {step} ({why}); no "
+                    "checkpoint was saved yet", "start the job again on every node")
 
 
 @contextlib.contextmanager
@@ -333,7 +336,10 @@ def launch(nproc: int, argv: list[str], nnodes: int = 1, endpoint: str | None = 
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # ranks say what failed
+    # The ranks say what failed. Each of torch's launcher loggers has a level of its own (its
+    # "Received 2 death signal, shutting down workers" would pass a parent's), so all are set.
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     timeouts = {"join_timeout": max(TIMEOUT_S, 1), "read_timeout": max(TIMEOUT_S, 1)}
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
                           run_id=os.environ.get("MINIGPT_RUN_ID") or ("minigpt" if endpoint

@@ -8,10 +8,11 @@ directory) while the others wait; then every rank builds the same model and its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from minigpt_cli.config import Config
 from minigpt_cli.data import chat
 from minigpt_cli.data.resolve import resolve_source
 from minigpt_cli.data.token_cache import check_length, token_cache
-from minigpt_cli.device import configure_backends, select_device, select_precision
-from minigpt_cli.errors import CheckpointError, ConfigError, DataError
+from minigpt_cli.device import configure_backends, is_out_of_memory, select_device, select_precision
+from minigpt_cli.errors import CheckpointError, ConfigError, DataError, MiniGPTError
 from minigpt_cli.fileio import atomic_write_text
 from minigpt_cli.model import flops, lora
 from minigpt_cli.model.gpt import GPT
@@ -55,6 +56,24 @@ class PreparedRun:
     notes: list[str]  # things the user should know, e.g. a damaged checkpoint was skipped
     # conversations: the start of the first training row as (text, trained) runs
     chat_example: list[tuple[str, bool]] | None = None
+    made_dir: bool = False  # a new run whose folder setup made (it was not there, empty)
+
+    def discarded_on_failure(self) -> contextlib.AbstractContextManager[None]:
+        """Around training: a new run that fails before its first checkpoint is taken back
+        (``layout.discard_new_run_dir``), so that the same command can run again."""
+        return discarded_on_failure(self.run_dir, self.resumed_from is None, self.made_dir)
+
+
+@contextlib.contextmanager
+def discarded_on_failure(run_dir: Path, new: bool, made: bool) -> Iterator[None]:
+    """If the block fails, a ``new`` run without a checkpoint leaves nothing behind in
+    ``run_dir`` (``made``: setup made the folder). Rank 0 alone writes, and takes back."""
+    try:
+        yield
+    except BaseException:
+        if new and distributed.is_main():
+            layout.discard_new_run_dir(run_dir, made)
+        raise
 
 
 def default_run_dir(config: Config, root: Path = paths.RUNS_DIR) -> Path:
@@ -154,18 +173,28 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     dist, device = distributed.init(device)
     if not resume:  # a setting the device cannot honour fails before the run directory exists
         select_precision(config.train.precision, device)
+    made = out is None or not out.exists()  # a new run: whether setup makes its folder
     if not dist.enabled:
-        return _build(*_prepare_data(config, out, resume, changed, progress), resume, device,
-                      callbacks)
+        prepared = _prepare_data(config, out, resume, changed, progress)
+        with discarded_on_failure(prepared[1], not resume, made):
+            run = _build(*prepared, resume, device, callbacks)
+        run.made_dir = made
+        return run
     if dist.is_main:
         try:
             prepared = _prepare_data(config, out, resume, changed, progress)
         except BaseException:
-            distributed.share_from_main(None)  # the others leave; rank 0 says why
+            # the others leave; rank 0 says why. They may be gone already (Ctrl-C reaches
+            # every rank): what rank 0 met is the news, not that.
+            with contextlib.suppress(MiniGPTError):
+                distributed.share_from_main(None)
             raise
-        distributed.share_from_main((prepared[0].to_dict(), prepared[1], prepared[4]))
-        with distributed.setting_up():
-            return _build(*prepared, resume, device, callbacks)
+        with discarded_on_failure(prepared[1], not resume, made):
+            distributed.share_from_main((prepared[0].to_dict(), prepared[1], prepared[4]))
+            with distributed.setting_up():
+                run = _build(*prepared, resume, device, callbacks)
+        run.made_dir = made
+        return run
     shared = distributed.share_from_main()
     if shared is None:
         raise distributed.RankFailed(f"rank {dist.rank}: rank 0 failed to set up the run")
@@ -274,10 +303,12 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
     if resume:
         run_dir = out
     else:
+        made = not out.exists()
         run_dir = layout.create_run_dir(out)
-        layout.write_run_files(run_dir, config, tokenizer)
-        if template is not None:
-            save_run_template(run_dir, template)
+        with discarded_on_failure(run_dir, True, made):
+            layout.write_run_files(run_dir, config, tokenizer)
+            if template is not None:
+                save_run_template(run_dir, template)
     return config, run_dir, tokenizer, splits, resumed_from, notes, start
 
 
@@ -314,7 +345,14 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
     configure_backends(device)
     torch.manual_seed(config.train.seed)
 
-    model = (GPT(config.model) if start is None else start.build(config.model)).to(device)
+    try:
+        model = (GPT(config.model) if start is None else start.build(config.model)).to(device)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise ConfigError(f"the model does not fit in the memory of {device}",
+                          "make it smaller: model.embed_dim, model.num_layers, model.ff_dim "
+                          "or model.vocab_size") from e
     base = None
     if config.lora.enabled:  # the base frozen, adapters on its projections
         lora.inject(model, config.lora)
@@ -342,7 +380,11 @@ def _build(config: Config, run_dir: Path, tokenizer, splits, resumed_from: Path 
                             f"({trainer.sampler.n_windows} windows, the run had {saved_windows})",
                             f"put back {config.data.dataset} as it was, or start a new run")
         if trainer.step >= trainer.total_steps:
-            raise ConfigError(f"{run_dir} already finished its {trainer.total_steps} steps",
+            total = trainer.total_steps
+            done = (f"is at step {trainer.step}, past the {total} asked for"
+                    if trainer.step > total else
+                    f"already finished its {total} step{'s' * (total != 1)}")
+            raise ConfigError(f"{run_dir} {done}",
                               "raise train.max_steps (or train.epochs) to train further")
         if dist.is_main:
             metrics.truncate_after(trainer.step)

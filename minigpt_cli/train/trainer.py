@@ -24,7 +24,7 @@ import torch
 
 from minigpt_cli.config import TrainConfig
 from minigpt_cli.data.batches import WindowSampler, batch_at, eval_starts
-from minigpt_cli.device import Precision
+from minigpt_cli.device import Precision, is_out_of_memory
 from minigpt_cli.errors import CheckpointError, MiniGPTError
 from minigpt_cli.model import lora
 from minigpt_cli.run import checkpoint as ckpt
@@ -186,7 +186,8 @@ class Trainer:
             raise CheckpointError(f"{path.parent.parent} was trained in {saved_world} "
                                   f"process{'es' * (saved_world > 1)}, not "
                                   f"{self.dist.world_size}: its data order and random "
-                                  f"states belong to {saved_world} ranks",
+                                  f"states belong to {saved_world} rank"
+                                  f"{'s' * (saved_world > 1)}",
                                   f"resume it with {saved_world} process"
                                   f"{'es' * (saved_world > 1)}")
         tensors = ckpt.load_training_tensors(path)
@@ -296,9 +297,20 @@ class Trainer:
         others raise ``PeerLost`` (within the process group's timeout) instead of hanging."""
         try:
             return self._fit()
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
             if distributed.is_peer_failure(e):
                 raise distributed.lost(e, self.step, self.last_checkpoint) from e
+            if is_out_of_memory(e):
+                raise MiniGPTError(
+                    f"out of memory on {self.device} at step {self.step + 1} (batches of "
+                    f"{self.cfg.batch_size} windows of {self.seq_len} tokens)",
+                    "lower train.batch_size (train.grad_accum_steps keeps the batch), "
+                    "model.max_seq_length or the model's size") from e
+            if self.cfg.compile and type(e).__module__.startswith(("torch._dynamo",
+                                                                   "torch._inductor")):
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise MiniGPTError(f"train.compile: torch.compile failed ({why})",
+                                   "train without train.compile") from e
             raise
 
     def _fit(self) -> Finished:

@@ -160,6 +160,34 @@ def no_space(monkeypatch) -> None:
     monkeypatch.setattr(checkpoint, "write_synced", full)
 
 
+def killed_before_a_checkpoint(w: Path) -> list[str]:
+    """A run killed (-9) before its first checkpoint: its config, no checkpoint."""
+    (w / "killed").mkdir()
+    shutil.copy(w / RUN / layout.CONFIG_FILE, w / "killed" / layout.CONFIG_FILE)
+    return train("--out", str(w / "killed"))(w)
+
+
+def no_memory_in_a_step(monkeypatch) -> None:
+    from minigpt_cli.train.trainer import Trainer
+
+    def step(self, lr):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(Trainer, "_train_step", step)
+
+
+def no_cxx_compiler(monkeypatch) -> None:
+    """torch.compile as it fails on a machine without a working C++ compiler."""
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from minigpt_cli.model.gpt import GPT
+
+    def compiled(self):
+        def forward(*args, **kwargs):
+            raise InvalidCxxCompiler()
+        return forward
+    monkeypatch.setattr(GPT, "compile_for_training", compiled)
+
+
 GENERATE = ["generate", "--model", RUN, "--prompt", "The", "--max-new-tokens", "3", "--seed",
             "1", "--device", "cpu"]
 USES_MODEL = {
@@ -233,6 +261,8 @@ TRAIN_ROWS = [
                                                 option="--tokenizer", prefix="sentencepiece:"),
         "not a valid sentencepiece model"),
     Row("existing run without --resume", train("--out", RUN), "already exists"),
+    Row("a run killed before its first checkpoint", killed_before_a_checkpoint,
+        "stopped before its first checkpoint: remove it and train again"),
     Row("out is a file", with_file("afile", "x", option="--out"), "is a file"),
     Row("out cannot be written", with_file("afile", "x", option="--out", suffix="/run"),
         "not a writable directory"),
@@ -253,14 +283,28 @@ TRAIN_ROWS = [
                            for a in ("--set", item)])(w),
         "cannot resume with train.batch_size=16"),
     Row("resume a finished run", resume(), "already finished its 4 steps"),
+    Row("resume with fewer steps than it did", resume("--max-steps", "2"),
+        "is at step 4, past the 2 asked for"),
     Row("resume after the data changed",
         lambda w: (w / CORPUS).write_text("\n".join(LINES * 2)) and resume("--max-steps", "8")(w),
         "training data of"),
     Row("resume with damaged weights", lambda w: truncate(w) or resume("--max-steps", "8")(w),
         "no intact checkpoint to resume from"),
     Row("cuda without a GPU", train("--device", "cuda"), "no CUDA GPU", needs_no_gpu=True),
+    Row("cuda without a GPU, in several processes", train("--device", "cuda", "--nproc", "2"),
+        "--device cuda was asked for but no CUDA GPU", needs_no_gpu=True),
     Row("unknown device", train("--device", "tpu"), "train.device must be"),
     Row("disk full while saving", train(), "No space left on device", patch=no_space),
+    # failures after the run directory is made, before the first checkpoint: it is taken back
+    Row("a model too big for the memory", train("--set", f"model.ff_dim={2**40}"),
+        "the model does not fit in the memory of cpu"),
+    Row("out of memory in the first step", train(), "out of memory on cpu at step 1",
+        patch=no_memory_in_a_step),
+    Row("diverged before the first checkpoint",
+        train("--set", "train.learning_rate=1e30", "--set", "train.grad_clip=0", steps="3"),
+        "last good checkpoint: none yet"),
+    Row("torch.compile without a C++ compiler", train("--compile"),
+        "torch.compile failed (No working C++ compiler", patch=no_cxx_compiler),
     Row("lora rank 0", lora_on_run("--lora", "0"), "--lora (lora.rank) must be a positive"),
     Row("lora rank below 0", lora_on_run("--lora", "-3"), "--lora (lora.rank) must be a positive"),
     Row("lora rank below 0 in a config", lora_on_run("--set", "lora.rank=-1"),
@@ -353,7 +397,7 @@ def test_bad_input(row: Row, command: list[str] | None, world: Path, monkeypatch
         assert err.startswith("Error:"), err
     after = snapshot(world)
     assert {k: after.get(k) for k in before} == before, "an existing file changed"
-    if row in TRAIN_ROWS and row.patch is None:  # refused before the run directory is made
+    if row in TRAIN_ROWS:  # refused before the run directory is made, or taken back after
         assert not (world / "new").exists(), sorted(after)
 
 

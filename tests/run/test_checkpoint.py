@@ -211,3 +211,30 @@ def test_loaders_never_unpickle_or_load_unsafe_yaml():
         if found == ["torch.load("] and torch_loads_weights_only(path):
             found = []
         assert not found, path
+
+
+@pytest.mark.parametrize(("made", "other_file", "checkpointed", "left"), [
+    (True, False, False, None),  # the folder the run made goes
+    (False, False, False, []),  # a folder that was there (empty) stays, empty
+    (True, True, False, ["notes.txt"]),  # what the run did not write is never removed
+    (True, False, True, ["checkpoints", "config.yaml", "metrics.jsonl", "tokenizer"]),
+])
+def test_a_new_run_that_failed_before_its_first_checkpoint_is_taken_back(
+        tmp_path, made, other_file, checkpointed, left):
+    from minigpt_cli.chat.template import TEMPLATE_FILE
+    from minigpt_cli.run import layout
+
+    run_dir = layout.create_run_dir(tmp_path / "run")
+    (run_dir / layout.CONFIG_FILE).write_text("model: {}\n")
+    (run_dir / layout.TOKENIZER_DIR).mkdir()
+    (run_dir / layout.TOKENIZER_DIR / "tokenizer.json").write_text("{}")
+    (run_dir / layout.METRICS_FILE).write_text('{"step": 1, "loss": 5.0}\n')
+    (run_dir / layout.CKPT_DIR).mkdir()
+    if checkpointed:
+        (run_dir / layout.CKPT_DIR / "step-0000004").mkdir()
+    else:  # a chat run's template (here only where it would go)
+        (run_dir / TEMPLATE_FILE).write_text("{}")
+    if other_file:
+        (run_dir / "notes.txt").write_text("mine")
+    layout.discard_new_run_dir(run_dir, made)
+    assert (sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else None) == left

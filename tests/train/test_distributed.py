@@ -296,3 +296,69 @@ def test_a_rank_lost_while_setting_up_is_a_one_line_error(tmp_path):
     assert procs[0].returncode == 1, err
     assert "Traceback" not in err, err
     assert out.startswith("PeerLost rank 0 lost the other processes while setting up the run"), out
+
+
+# ---- in process: what a rank says ------------------------------------------------------------
+
+def test_rank_0_interrupted_while_setting_up_says_so_when_its_peers_are_gone(monkeypatch):
+    """Ctrl-C reaches every rank: rank 0's news is the interrupt, not the peers that left."""
+    import torch
+
+    from minigpt_cli.config import Config
+    from minigpt_cli.train import distributed, setup
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def peers_gone(obj=None, long_wait=True):
+        raise distributed.lost(RuntimeError("Connection closed by peer"), None)
+
+    monkeypatch.setattr(distributed, "init",
+                        lambda device: (distributed.DistInfo(0, 0, 2), torch.device("cpu")))
+    monkeypatch.setattr(setup, "_prepare_data", interrupted)
+    monkeypatch.setattr(distributed, "share_from_main", peers_gone)
+    with pytest.raises(KeyboardInterrupt):
+        setup.prepare(Config.from_sources("tiny"), None)
+
+
+@pytest.mark.parametrize(("rank", "says"), [("0", "Interrupted."), ("1", "")])
+def test_ctrl_c_while_setting_up_is_said_once_by_rank_0(rank, says, cli, monkeypatch):
+    from minigpt_cli.train import setup
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(setup, "prepare", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = cli.invoke("train", "--max-steps", "2")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == says
+
+
+def test_a_rank_lost_before_any_checkpoint_is_not_told_to_resume():
+    from minigpt_cli.train import distributed
+
+    gone = RuntimeError("Connection closed by peer")
+    assert "resume" in distributed.lost(gone, 12, Path("run/checkpoints/step-0000010")).hint
+    early = distributed.lost(gone, 3, None)
+    assert "no checkpoint was saved yet" in early.message and "resume" not in early.hint
+
+
+def test_the_launcher_silences_torchs_own_log_lines(monkeypatch):
+    """The ranks say what failed; torch's launcher loggers (each with a level of its own)
+    would add lines such as 'Received 2 death signal, shutting down workers'."""
+    import logging
+
+    import torch.distributed.launcher.api as launcher
+
+    from minigpt_cli.train import distributed
+
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]
+    for name in names:  # put back as they were afterwards
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    monkeypatch.setattr(launcher, "elastic_launch", lambda config, entrypoint: lambda *a: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert distributed.launch(2, ["train"]) == (0, [])
+    agent = logging.getLogger("torch.distributed.elastic.agent.server.api")
+    assert not agent.isEnabledFor(logging.WARNING)

@@ -89,6 +89,54 @@ def test_a_signal_saves_or_leaves_and_resume_is_exact(how, code, corpus, tmp_pat
     assert untimed_records(tmp_path / "part") == untimed_records(tmp_path / "full")
 
 
+@pytest.mark.parametrize(("how", "code", "says"), [
+    ("SIGTERM", 143, "Terminated before training started."), ("Ctrl-C", 130, "Interrupted.")])
+def test_a_signal_before_the_first_step_takes_the_new_run_back(how, code, says, corpus, tmp_path,
+                                                               monkeypatch, own_signal_handlers,
+                                                               toy_train_settings):
+    """A signal after the run directory is made, while the model is built, leaves nothing
+    that would block the same command."""
+    from minigpt_cli.model import flops
+
+    monkeypatch.chdir(tmp_path)
+    args = _train_args(corpus, "run", 3, toy_train_settings)
+
+    def signalled(*_):
+        assert (tmp_path / "run" / layout.CONFIG_FILE).is_file()
+        os.kill(os.getpid(), signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+    with monkeypatch.context() as m:
+        m.setattr(flops, "peak_flops", signalled)
+        stopped = CliRunner().invoke(app, args)
+    assert stopped.exit_code == code, stopped.output
+    assert stopped.stderr.strip() == says
+    assert not (tmp_path / "run").exists()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+
+
+def test_training_goes_on_when_the_reader_of_its_output_is_gone(corpus, tmp_path, monkeypatch,
+                                                               own_signal_handlers,
+                                                               toy_train_settings):
+    """`minigpt train | tee log`, and a Ctrl-C that ended tee too: the next line printed
+    finds the pipe closed. Training goes on quietly, so it can still stop with a checkpoint."""
+    import errno
+    import io
+
+    from rich.console import Console
+
+    from minigpt_cli.cli import ui
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ui, "console", Console(file=ClosedPipe()))
+    result = CliRunner().invoke(app, _train_args(corpus, "run", 6, toy_train_settings))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert checkpoint.checkpoint_dir(tmp_path / "run", "latest").name == "step-0000006"
+
+
 # ---- kill -9, through the real command line ---------------------------------------------------
 
 POLL_S = 0.02  # how often the kill tests look at the run's progress

@@ -125,6 +125,7 @@ def _launch(cfg, nproc: int | None, nnodes: int, endpoint: str | None, argv: lis
             out: Path | None) -> None:
     import torch
 
+    from minigpt_cli.device import select_device
     from minigpt_cli.train import distributed
 
     if distributed.launched():
@@ -137,9 +138,7 @@ def _launch(cfg, nproc: int | None, nnodes: int, endpoint: str | None, argv: lis
     if nnodes > 1 and not endpoint:
         raise MiniGPTError("--nnodes needs --rdzv-endpoint HOST:PORT, where the nodes meet",
                            "the same on every node, e.g. the first node's address and 29500")
-    wants_cuda = cfg.train.device.startswith("cuda") or (
-        cfg.train.device == "auto" and torch.cuda.is_available())
-    if wants_cuda:
+    if select_device(cfg.train.device).type == "cuda":  # a device that is not there: its error
         gpus = torch.cuda.device_count()
         if nproc > gpus:
             raise MiniGPTError(f"--nproc {nproc} is more than the {gpus} GPU"
@@ -169,13 +168,18 @@ def _train(cfg, out: Path | None, resume: bool, changed: set[str]) -> None:
 
     rank = distributed.env_info()
     try:
-        _train_rank(cfg, out, resume, changed, rank)
+        with ui.quiet_after_broken_pipe(ui.console):  # stdout's reader gone: train on
+            _train_rank(cfg, out, resume, changed, rank)
     except MiniGPTError as e:
         # every rank of a job meets the same user error; rank 0 says it. A lost peer is
         # each rank's own news.
         if rank.is_main or isinstance(e, distributed.PeerLost):
             raise
         raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C while setting up reaches every rank: rank 0 says it
+        if rank.is_main:
+            raise
+        raise typer.Exit(130) from None
     finally:
         distributed.cleanup()
 
@@ -238,7 +242,8 @@ def _train_rank(cfg, out, resume, changed, rank) -> None:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = run.trainer.fit()
+        with run.discarded_on_failure():  # a new run that fails before its first checkpoint
+            result = run.trainer.fit()
     except TrainingStopped as stop:
         view.close()
         code = 143 if received and received[0] == signal.SIGTERM else 130
@@ -253,8 +258,9 @@ def _train_rank(cfg, out, resume, changed, rank) -> None:
         raise typer.Exit(130) from None
     except OSError as e:  # metrics.jsonl and friends; checkpoints report their own
         view.close()
+        then = f"continue with: {resume_hint}" if run.trainer.last_checkpoint else "train again"
         raise MiniGPTError(f"cannot write to {run.run_dir}: {e.strerror or e}",
-                           f"free some disk space, then continue with: {resume_hint}") from e
+                           f"free some disk space, then {then}") from e
     finally:
         view.close()
         leaving = True
