@@ -13,6 +13,7 @@ that is what it asks for; overriding both with a step count is an error.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -246,10 +247,11 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, raw: Any, origin: str = "config") -> Config:
+    def from_dict(cls, raw: Any, origin: str = "config", base: Config | None = None) -> Config:
+        """The settings of ``raw`` over ``base`` (a copy; by default, the defaults)."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{origin}: expected a mapping of sections at the top level")
-        cfg = cls()
+        cfg = cls() if base is None else copy.deepcopy(base)
         for key, value in raw.items():
             if key in ("preset", "description"):
                 if value is not None and not isinstance(value, str):
@@ -284,7 +286,10 @@ class Config:
         if preset and config_file:
             raise ConfigError("give either a preset or a config file, not both")
         if config_file:
-            cfg = cls.from_file(config_file)
+            raw = _read_file(Path(config_file))
+            base = _base_preset(raw, str(config_file))
+            cfg = cls.from_dict(raw, str(config_file),
+                                None if base is None else cls.from_preset(base))
         else:
             cfg = cls.from_preset(preset or "tiny")
         for item in overrides:
@@ -316,8 +321,22 @@ def source_keys(preset: str | None = None, config_file: Path | None = None) -> s
     raw = _read_file(Path(config_file)) if config_file else _read_preset(preset or "tiny")
     if not isinstance(raw, dict):
         return set()
-    return {f"{section}.{key}" for section, values in raw.items()
-            if section in SECTIONS and isinstance(values, dict) for key in values}
+    base = _base_preset(raw, str(config_file)) if config_file else None
+    keys = source_keys(base) if base is not None else set()
+    return keys | {f"{section}.{key}" for section, values in raw.items()
+                   if section in SECTIONS and isinstance(values, dict) for key in values}
+
+
+def _base_preset(raw: Any, origin: str) -> str | None:
+    """The preset a config file starts from (its ``preset`` key), checked; None if none."""
+    name = raw.get("preset") if isinstance(raw, dict) else None
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str) or name not in preset_names():
+        raise ConfigError(f"{origin}: 'preset' names no preset: {name!r}",
+                          f"available presets: {', '.join(preset_names())}, or leave it out "
+                          "to start from the defaults")
+    return name
 
 
 def preset_names() -> list[str]:

@@ -77,6 +77,25 @@ def test_config_file_round_trip(tmp_path: Path):
     assert again.to_dict() == cfg.to_dict()
 
 
+def test_a_config_file_naming_a_preset_starts_from_it(tmp_path: Path):
+    from minigpt_cli.config import source_keys
+
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: tiny\ntrain:\n  max_steps: 5\n")
+    cfg = Config.from_sources(config_file=path)
+    tiny = Config.from_preset("tiny")
+    tiny.train.max_steps = 5
+    assert cfg.to_dict() == tiny.to_dict()
+    assert Config.from_sources(config_file=path).model.embed_dim != Config().model.embed_dim
+    # --resume --config compares what the file sets, the preset's keys included
+    assert source_keys(config_file=path) == source_keys("tiny") | {"train.max_steps"}
+    for bad in ("nope", "5"):
+        path.write_text(f"preset: {bad}\n")
+        with pytest.raises(ConfigError, match="names no preset") as e:
+            Config.from_sources(config_file=path)
+        assert "tiny" in e.value.hint
+
+
 def test_config_file_yaml_error_has_line(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  embed_dim: 64\n  num_heads: [4\n")
