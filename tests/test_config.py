@@ -103,6 +103,17 @@ def test_config_file_yaml_error_has_line(tmp_path: Path):
         Config.from_sources(config_file=path)
 
 
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  max_steps: 5\n  max_steps: 7\n", "max_steps"),
+    ("model:\n  embed_dim: 64\nmodel:\n  num_layers: 2\n", "model"),
+])
+def test_a_key_given_twice_is_refused(tmp_path: Path, text, key):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"the key '{key}' is given twice"):
+        Config.from_sources(config_file=path)
+
+
 def test_config_file_unknown_section(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("modle:\n  embed_dim: 64\n")
