@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -331,7 +332,7 @@ def launch(nproc: int, argv: list[str], nnodes: int = 1, endpoint: str | None = 
     128 + a signal the job got, or the first failing rank's code) and the failures."""
     import logging
 
-    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -341,7 +342,11 @@ def launch(nproc: int, argv: list[str], nnodes: int = 1, endpoint: str | None = 
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     timeouts = {"join_timeout": max(TIMEOUT_S, 1), "read_timeout": max(TIMEOUT_S, 1)}
+    # torch's launcher keeps per-rank error files in a folder of its own under /tmp and
+    # never removes it: one folder per job. Here it is the job's and goes with it.
+    logs = tempfile.TemporaryDirectory(prefix="minigpt-launch-")
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
+                          logs_specs=DefaultLogsSpecs(log_dir=logs.name),
                           run_id=os.environ.get("MINIGPT_RUN_ID") or ("minigpt" if endpoint
                                                                       else uuid.uuid4().hex),
                           rdzv_backend="c10d", rdzv_endpoint=endpoint or "localhost:0",
@@ -349,7 +354,8 @@ def launch(nproc: int, argv: list[str], nnodes: int = 1, endpoint: str | None = 
                           monitor_interval=0.1, start_method="spawn")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "minigpt_cli", *argv)
+        with logs:
+            elastic_launch(config, entrypoint=sys.executable)("-m", "minigpt_cli", *argv)
     except SignalException as e:
         return 128 + int(e.sigval), []
     except ChildFailedError as e:
