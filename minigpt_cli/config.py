@@ -421,7 +421,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _safe_yaml(text: str, origin: str) -> Any:
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        loader = _UniqueKeyLoader(text)  # a SafeLoader: plain data, no Python objects
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
