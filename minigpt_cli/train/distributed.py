@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import uuid
@@ -185,13 +186,14 @@ def total(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is set on any rank (say, a stop asked for by a signal)."""
+def largest(value: int, device: torch.device) -> int:
+    """The largest of every rank's ``value`` (say, a stop asked for by a signal: its number,
+    0 for none)."""
     if not _info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group)
-    return bool(t.item())
+    return int(t.item())
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:
@@ -324,6 +326,9 @@ class RendezvousFailed(MiniGPTError):
     """The nodes of a job could not meet at the rendezvous endpoint."""
 
 
+STOP_CODES = (130, 143)  # a rank's exit after Ctrl-C or SIGTERM, its checkpoint saved
+
+
 def launch(nproc: int, argv: list[str], nnodes: int = 1, endpoint: str | None = None
            ) -> tuple[int, list[JobFailure]]:
     """Run ``python -m minigpt_cli ARGV`` in ``nproc`` processes on this machine through
@@ -364,6 +369,13 @@ def launch(nproc: int, argv: list[str], nnodes: int = 1, endpoint: str | None = 
 
         failures = [JobFailure(rank, f.exitcode) for rank, f in e.failures.items()]
         failures.sort(key=lambda f: f.rank)
+        # A job asked to stop (Ctrl-C, SIGTERM) ends each rank with 130 or 143 at one step;
+        # the launcher ends the ranks still on their way out with SIGTERM when the first
+        # leaves. Those are the stop too, not a rank that died.
+        stopped = [f for f in failures if f.exitcode in STOP_CODES]
+        if stopped and all(f.exitcode in STOP_CODES or f.exitcode == -signal.SIGTERM
+                           for f in failures):
+            return stopped[0].exitcode, []
         signalled = [f for f in failures if f.exitcode < 0]
         code = 1 if signalled else failures[0].exitcode
         return code, failures

@@ -35,10 +35,11 @@ from minigpt_cli.train.events import Callback, Event, Finished, Logged, Saved, S
 class TrainingStopped(Exception):
     """Training was asked to stop; a checkpoint was saved at ``step``."""
 
-    def __init__(self, step: int, path: Path | None):
+    def __init__(self, step: int, path: Path | None, reason: int = 1):
         super().__init__(f"stopped at step {step}")
         self.step = step
         self.path = path
+        self.reason = reason  # the largest that any rank was asked to stop with
 
 
 class TrainingDiverged(MiniGPTError):
@@ -103,12 +104,14 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.base: dict[str, str] | None = None  # a LoRA run's base model: path and sha256
         self._saved_step: int | None = None
-        self._stop = False
+        self._stop = 0  # the reason to stop (0: none), e.g. the signal that asked
 
     # ---- control --------------------------------------------------------------------------
 
-    def request_stop(self) -> None:
-        self._stop = True
+    def request_stop(self, reason: int = 1) -> None:
+        """Stop at the next step boundary (the next logged step in a job). ``reason`` (> 0,
+        say a signal's number) comes back in ``TrainingStopped``: the largest of any rank."""
+        self._stop = max(self._stop, reason)
 
     def _emit(self, event: Event) -> None:
         for cb in self.callbacks:
@@ -329,12 +332,13 @@ class Trainer:
             # All ranks stop at one step. In several processes they agree on it at log steps
             # only (one all-reduce, a host sync on GPUs, per log interval instead of per step).
             check = not self.dist.enabled or self.step % cfg.log_interval == 0
-            if check and distributed.any_rank(self._stop, self.device):
+            reason = distributed.largest(self._stop, self.device) if check else 0
+            if reason:
                 if self._saved_step == self.step:
-                    raise TrainingStopped(self.step, self.last_checkpoint)
+                    raise TrainingStopped(self.step, self.last_checkpoint, reason)
                 if loss is not None:
                     self._check_finite(distributed.mean(loss).item(), lr)
-                raise TrainingStopped(self.step, self.save())
+                raise TrainingStopped(self.step, self.save(), reason)
             lr = lr_at(self.step, cfg, self.total_steps)
             loss = self._train_step(lr)
             self.step += 1

@@ -170,6 +170,22 @@ def test_ddp_resume_after_ctrl_c_is_exact(workdir, seed):
     assert _records(workdir / "run") == _records(workdir / "reference"), (seed, target)
 
 
+def test_sigterm_to_one_rank_stops_the_job_as_sigterm(workdir):
+    proc = _start(workdir, "--out", "run", "--nproc", "2", "--max-steps", "400",
+                  settings=["train.batch_size=4"])
+    deadline = time.monotonic() + 120
+    while _logged(workdir / "run") < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGTERM)  # rank 1, say, from a scheduler: not rank 0
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err  # the other rank stopped on the agreement, with its code
+    assert err.count("Stopped at step") == 1 and "Traceback" not in err, err
+
+
 def test_kill_9_of_a_rank_ends_the_job_and_it_resumes(workdir):
     args = ["--out", "run", "--nproc", "2", "--max-steps", "400"]
     proc = _start(workdir, *args, settings=["train.batch_size=4"])

@@ -238,7 +238,7 @@ def _train_rank(cfg, out, resume, changed, rank) -> None:
             raise KeyboardInterrupt  # a second signal: leave now; files are atomic
         if not received:
             received.extend([signum, time.monotonic()])
-        run.trainer.request_stop()
+        run.trainer.request_stop(signum)  # SIGTERM (15) outranks SIGINT (2) over the ranks
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -246,7 +246,7 @@ def _train_rank(cfg, out, resume, changed, rank) -> None:
             result = run.trainer.fit()
     except TrainingStopped as stop:
         view.close()
-        code = 143 if received and received[0] == signal.SIGTERM else 130
+        code = 143 if stop.reason == signal.SIGTERM else 130  # the job's, not this rank's
         say(f"Stopped at step {stop.step}; checkpoint saved in {stop.path}.")
         say(f"Resume with: [bold]{escape(resume_hint)}[/]", soft_wrap=True)
         raise typer.Exit(code) from None
