@@ -50,7 +50,10 @@ def atomic_open(path: Path, mode: int = FILE_MODE) -> Iterator[BinaryIO]:
     the block ends it is fsynced and renamed over ``path``, and if the block raises it is
     removed and ``path`` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # named after the file being written, not its temporary twin
+        raise type(e)(e.errno, e.strerror, str(path)) from e
     try:
         os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:

@@ -238,3 +238,21 @@ def test_a_new_run_that_failed_before_its_first_checkpoint_is_taken_back(
         (run_dir / "notes.txt").write_text("mine")
     layout.discard_new_run_dir(run_dir, made)
     assert (sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else None) == left
+
+
+def test_an_atomic_write_that_cannot_start_names_the_file_not_its_temporary(tmp_path,
+                                                                             monkeypatch):
+    import errno
+    import tempfile
+
+    from minigpt_cli.fileio import atomic_write_text
+
+    def read_only(*args, **kwargs):  # what a read-only filesystem answers
+        raise OSError(errno.EROFS, "Read-only file system",
+                      str(tmp_path / ".metrics.jsonl.abc123.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as e:
+        atomic_write_text(tmp_path / "metrics.jsonl", "{}\n")
+    assert e.value.filename == str(tmp_path / "metrics.jsonl")
+    assert e.value.errno == errno.EROFS and e.value.strerror == "Read-only file system"
