@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import NamedTuple
 
 from minigpt_cli.chat.template import Turn
 
 ROLES = ("System", "User", "Assistant")
+# A line inside a message that would read as the start of one (``User: ...``), or as such a
+# line escaped, is written with one more backslash in front, and read back with one less.
+_ESCAPED = re.compile(r"\\*(?:System|User|Assistant):")
 
 
 class Saved(NamedTuple):
@@ -28,10 +32,16 @@ def transcript(system: str, turns: list[Turn], template: str | None = None,
         header.append(f"# model: {model}")
     lines = ["\n".join(header) + "\n"]
     if system:
-        lines.append(f"System: {system}\n")
+        lines.append(f"System: {_escape(system)}\n")
     for t in turns:
-        lines.append(f"User: {t.user}\nAssistant: {t.assistant.strip()}\n")
+        lines.append(f"User: {_escape(t.user)}\nAssistant: {_escape(t.assistant.strip())}\n")
     return "\n".join(lines)
+
+
+def _escape(message: str) -> str:
+    first, *rest = message.split("\n")
+    return "\n".join([first, *("\\" + line if _ESCAPED.match(line) else line
+                                for line in rest)])
 
 
 def parse_transcript(text: str) -> Saved:
@@ -39,11 +49,13 @@ def parse_transcript(text: str) -> Saved:
     ``# key: value`` lines before the first message are the header."""
     messages: list[list] = []
     header: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): a message may hold \f, \x1c, \u2028
         role = next((r for r in ROLES if line.startswith(f"{r}:")), None)
         if role:
             messages.append([role, line[len(role) + 1:].removeprefix(" ")])
         elif messages:
+            if line.startswith("\\") and _ESCAPED.match(line):
+                line = line[1:]
             messages[-1][1] += "\n" + line
         elif line.startswith("#"):
             key, sep, value = line[1:].partition(":")
