@@ -81,6 +81,7 @@ class ChatSession:
         self.turns: list[Turn] = []
         self.show_stats = False
         self.last_result: GenerationResult | None = None
+        self.reply_stopped = False  # the last reply was cut short (Ctrl-C): no figures
         self.first_turn_in_context = 0
 
     # -- replies --
@@ -88,8 +89,7 @@ class ChatSession:
     def build_prompt(self, message: str) -> Prompt:
         """Token ids for the model: the oldest turns go when the conversation and room for
         a reply outgrow the context; if even the newest turn is too long, only its end."""
-        ctx = self.engine.context_length
-        budget = ctx - min(self.settings.max_new_tokens, ctx // 2)
+        budget = self.prompt_budget()
         for start in range(len(self.turns)):
             ids = self.prompt_ids(self.turns[start:], message)
             if len(ids) <= budget:
@@ -97,6 +97,11 @@ class ChatSession:
         last = self.turns[-1:]
         ids = self.prompt_ids(last, message)
         return Prompt(ids[-budget:], len(self.turns) - len(last), cropped=len(ids) > budget)
+
+    def prompt_budget(self) -> int:
+        """Most tokens a prompt may have: the context less room for the reply (at most half)."""
+        ctx = self.engine.context_length
+        return ctx - min(self.settings.max_new_tokens, ctx // 2)
 
     def messages(self, turns: list[Turn], message: str) -> list[dict]:
         out = [{"role": "system", "content": self.system}] if self.system else []
@@ -114,11 +119,19 @@ class ChatSession:
         short (Ctrl-C closes this generator)."""
         prompt = self.build_prompt(message)
         self.first_turn_in_context = prompt.first_turn
+        self.reply_stopped = True  # until the reply ends
         settings = dataclasses.replace(self.settings, num_samples=1,
                                        stop=[*self.template.stops, *self.settings.stop])
         parts: list[str] = []
         strip = self.template.name == "chat"  # the reply follows "Assistant:" and a space
         try:
+            own = len(self.prompt_ids([], message))
+            if prompt.cropped and own > len(prompt.ids):  # not only an earlier turn was cut
+                what = "the system prompt and message are" if self.system else "the message is"
+                yield Notice(f"{what} too long for the model's context: of the {own} tokens of "
+                             f"the prompt only the last {len(prompt.ids)} are used (the "
+                             f"context is {self.engine.context_length}, less room for the "
+                             "reply)")
             stop_ids = self.template.stop_ids(self.engine.tokenizer)
             # a reply: stops count after its first visible character (a base model may
             # open with the blank line that ends a plain reply)
@@ -131,7 +144,7 @@ class ChatSession:
                 elif isinstance(event, Notice):
                     yield event
                 elif isinstance(event, GenerationResult):
-                    self.last_result = event
+                    self.last_result, self.reply_stopped = event, False
         finally:
             self.turns.append(Turn(message, "".join(parts)))
 
@@ -140,6 +153,8 @@ class ChatSession:
 
     def stats_text(self) -> str:
         r = self.last_result
+        if self.reply_stopped:
+            return "the last reply was stopped: no figures for it"
         if r is None:
             return "no reply yet"
         return (f"{r.generated_tokens} tokens · {r.tokens_per_second:.1f} tokens/s · "

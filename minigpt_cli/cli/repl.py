@@ -31,11 +31,11 @@ def _note(console: Console, line: str, ok: bool = True) -> None:
     console.print(Text(line, style="dim" if ok else "yellow"), soft_wrap=True)
 
 
-def _show_result(console: Console, result: CommandResult) -> None:
-    for line in result.lines:
-        _note(console, line, result.ok)
+def _show_result(console: Console, result: CommandResult, safe=lambda s: s) -> None:
+    for line in result.lines:  # they may quote a loaded file (/show's system prompt)
+        _note(console, safe(line), result.ok)
     for line in result.warnings:
-        _note(console, line, ok=False)
+        _note(console, safe(line), ok=False)
 
 
 def _show_reply(session: ChatSession, message: str, console: Console, safe) -> None:
@@ -107,17 +107,48 @@ def _matches(word: str, options: Iterable[str]) -> Iterator[Completion]:
             yield Completion(option, start_position=-len(word))
 
 
+class _History(FileHistory):
+    """The input history file; a file that cannot be read or written (a folder in its
+    place, a full disk, its folder deleted) stops it, and ``problem`` says why, instead of
+    prompt-toolkit's traceback on every prompt. The session goes on."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+        self.problem: str | None = None
+
+    def load_history_strings(self) -> Iterator[str]:
+        try:
+            strings = list(super().load_history_strings())
+        except OSError as e:
+            self._failed("read", e)
+            strings = []
+        yield from strings
+
+    def store_string(self, string: str) -> None:
+        if self.problem is not None:
+            return
+        try:
+            super().store_string(string)
+        except OSError as e:
+            self._failed("write", e)
+
+    def _failed(self, verb: str, e: OSError) -> None:
+        self.problem = f"input history not saved: cannot {verb} {self.path} ({e.strerror or e})"
+
+
 def _history(path: Path | None, console: Console):
     if path is None:
         return InMemoryHistory()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        with open(path, "ab"), open(path, "rb"):  # (touching it would pass a folder)
+            pass
     except OSError as e:
         _note(console, f"input history not saved: cannot write {path} ({e.strerror or e})",
               ok=False)
         return InMemoryHistory()
-    return FileHistory(str(path))
+    return _History(path)
 
 
 def run_repl(session: ChatSession, console: Console, *, history_path: Path | None = None,
@@ -133,7 +164,8 @@ def run_repl(session: ChatSession, console: Console, *, history_path: Path | Non
     def _block_line(event) -> None:  # inside a """ block Enter adds a line: one message,
         event.current_buffer.insert_text("\n")  # one history entry, editable as a whole
 
-    prompt_session = PromptSession(history=_history(history_path, console),
+    history, history_failed = _history(history_path, console), False
+    prompt_session = PromptSession(history=history,
                                    completer=SlashCompleter(), key_bindings=keys,
                                    prompt_continuation="... ", input=input, output=output)
     _note(console, f"minigpt chat · {session.model_label} · template {session.template.name}"
@@ -146,6 +178,9 @@ def run_repl(session: ChatSession, console: Console, *, history_path: Path | Non
             continue
         except EOFError:
             return 0
+        if getattr(history, "problem", None) and not history_failed:  # it stops trying
+            _note(console, history.problem, ok=False)
+            history_failed = True
         if text.strip().startswith('"""'):
             text = _unquote(text)
         if session.is_command(text):
@@ -154,7 +189,7 @@ def run_repl(session: ChatSession, console: Console, *, history_path: Path | Non
             except KeyboardInterrupt:
                 _note(console, "(interrupted)")
                 continue
-            _show_result(console, result)
+            _show_result(console, result, safe)
             if result.quit:
                 return 0
         elif text.strip():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -19,7 +20,22 @@ from minigpt_cli.cli.options import SETTING_FLAGS
 from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.generate.text import STREAM_INTERVAL
 
-console = Console(highlight=False)
+
+class _Stdout(Console):
+    """Rich's console, but when the reader of its output is gone (``generate | head``) it
+    goes quiet and raises ``BrokenPipeError``, on which ``guarded`` ends the command with
+    exit code 0 as for ``typer.echo``'s output; Rich's own exits with 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's last flush
+            os.dup2(devnull, self.file.fileno())
+            os.close(devnull)
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+console = _Stdout(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 for _c in (console, err_console):  # piped output: long lines stay whole, never wrapped at 80
     _c.soft_wrap = not _c.is_terminal

@@ -7,6 +7,7 @@ repetition penalty, then greedy or temperature, top-k, top-p, min-p and a draw.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,8 @@ def _first_problem(s: SamplingSettings) -> tuple[str, str] | None:
         value = getattr(s, key)
         if not ok or value != value:  # also rejects NaN
             return key, f"{text}, got {value}"
+        if isinstance(value, float) and math.isinf(value):  # as the config and server do
+            return key, f"must be a finite number, got {value}"
     if s.seed is not None and not 0 <= s.seed < 2**64:  # what torch's generator takes
         return "seed", f"must be between 0 and 2**64 - 1, got {s.seed}"
     if any(not isinstance(x, str) for x in s.stop):

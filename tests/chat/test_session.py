@@ -49,7 +49,7 @@ def test_a_plain_reply_may_open_with_a_blank_line(scripted_reply, chat_session):
 
 def test_a_stopped_reply_keeps_what_was_shown(scripted_reply, chat_session):
     scripted_reply("abcdefgh")
-    s = chat_session(max_new_tokens=60)
+    s = chat_session(max_new_tokens=12)
     pieces = s.respond("Hi")
     assert next(pieces) == "a"
     pieces.close()
@@ -189,3 +189,31 @@ def test_load_rejects_json_whose_turns_are_not_text(turns, tmp_path, chat_sessio
     result = s.handle_command(f"/load {tmp_path / 'bad.json'}")
     assert not result.ok and "is not a saved conversation" in result.lines[0]
     assert s.turns == []
+
+
+def test_stats_after_a_stopped_reply_are_not_the_reply_before(scripted_reply, chat_session):
+    scripted_reply("abcdefgh")
+    s = chat_session(max_new_tokens=12)
+    s.reply("Hi")
+    assert "9 tokens" in s.handle_command("/stats").lines[0]
+    pieces = s.respond("Again")
+    next(pieces)
+    pieces.close()  # Ctrl-C: before, /stats showed the first reply's figures as the last's
+    assert s.handle_command("/stats").lines == ["the last reply was stopped: no figures for it"]
+    s.reply("Once more")
+    assert "9 tokens" in s.stats_text()
+
+
+def test_a_message_too_long_for_the_context_is_said_to_be_cut(scripted_reply, chat_session):
+    from minigpt_cli.generate.engine import Notice
+
+    scripted_reply(" Yes.")
+    s = chat_session(template="plain", max_new_tokens=8)  # context 32: 24 for the prompt
+    pieces = list(s.respond("x" * 30))
+    notices = [p.message for p in pieces if isinstance(p, Notice)]
+    assert notices == ["the message is too long for the model's context: of the 30 tokens "
+                       "of the prompt only the last 24 are used (the context is 32, less "
+                       "room for the reply)"]
+    assert "".join(p for p in pieces if isinstance(p, str)) == " Yes."
+    s.turns = [s.turns[0]]  # an earlier turn cut to fit is the usual dropping: no notice
+    assert not [p for p in s.respond("short") if isinstance(p, Notice)]

@@ -137,3 +137,61 @@ def test_chat_command_rejects_stdin_that_is_not_utf8(run_dir, scripted_reply, cl
 def test_chat_rejects_a_bad_template(run_dir, cli):
     result = cli.invoke("chat", "--model", run_dir, "--template", "fancy")
     assert result.exit_code == 1 and "--template" in result.stderr
+
+
+def _stdin_of_a_c_utf8_locale(monkeypatch, data: bytes) -> None:
+    """stdin as Python opens it in a C or C.UTF-8 locale: bytes that are not UTF-8 come
+    through as surrogates instead of an error."""
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8",
+                                                       errors="surrogateescape"))
+
+
+def test_stdin_that_is_not_utf8_is_refused_in_any_locale(run_dir, scripted_reply, monkeypatch,
+                                                          capsys):
+    import typer
+
+    from minigpt_cli.cli.commands.chat import chat
+    from minigpt_cli.cli.commands.generate import read_prompt
+    from minigpt_cli.errors import MiniGPTError
+
+    _stdin_of_a_c_utf8_locale(monkeypatch, b"The \xff\xfe")
+    with pytest.raises(MiniGPTError, match="not UTF-8"):  # it was 'The \udcff\udcfe'
+        read_prompt(None, None)
+    _stdin_of_a_c_utf8_locale(monkeypatch, "\ufeffHé\n".encode())
+    assert read_prompt(None, None) == "Hé"
+
+    scripted_reply(" Hello.")
+    _stdin_of_a_c_utf8_locale(monkeypatch, b"Hi\n\xff\xfe\nmore\n")
+    with pytest.raises(typer.Exit) as e:  # the second message was answered
+        chat(model=run_dir, template="chat")
+    out, err = capsys.readouterr()
+    assert e.value.exit_code == 1 and out == "Hello.\n"
+    assert "not UTF-8 text (line 2)" in err and "Traceback" not in err
+
+
+def test_generate_into_a_closed_pipe_ends_quietly(run_dir, monkeypatch, capsys):
+    """`minigpt generate | head`: the text streamed after head left ends the command with
+    exit code 0 and nothing on stderr, as --json's output does (Rich's own exit was 1)."""
+    import errno
+    import io
+    import os
+    import sys
+
+    import typer
+
+    from minigpt_cli.cli import ui
+    from minigpt_cli.cli.commands.generate import generate
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    monkeypatch.setattr(ui.console, "_file", ClosedPipe())
+    monkeypatch.setattr(ui.console, "quiet", False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # guarded closes it
+    with pytest.raises(typer.Exit) as e:
+        generate(model=run_dir, prompt="Hi", max_new_tokens=5, seed=1)
+    assert e.value.exit_code == 0

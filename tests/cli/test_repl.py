@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import signal
 from pathlib import Path
 
@@ -114,3 +115,41 @@ def test_piped_chat_prints_one_reply_per_message(scripted_reply, chat_session):
     assert code == 0
     assert out.getvalue() == "Fine, thanks.\n\nFine, thanks.\n"
     assert "top_k = 5" in err.getvalue()
+
+
+def test_a_history_file_that_cannot_be_used_is_one_note_not_a_traceback(
+        tmp_path, scripted_reply, chat_session):
+    scripted_reply(" Hello.")
+    folder = tmp_path / "history"
+    folder.mkdir()  # a folder where the file should be: touching it passed
+    code, out = drive(chat_session(), "Hi\r/quit\r", folder)
+    assert code == 0 and "Traceback" not in out and "Hello." in out
+    assert f"input history not saved: cannot write {folder}" in out
+
+    home = tmp_path / "gone"  # the file's folder is deleted while the chat runs
+    s = chat_session()
+    handle = s.handle_command
+
+    def delete_the_folder(line):
+        shutil.rmtree(home, ignore_errors=True)
+        return handle(line)
+
+    s.handle_command = delete_the_folder
+    code, out = drive(s, "/show\rHi\rHi again\r/quit\r", home / "history")
+    assert code == 0 and "Traceback" not in out
+    assert out.count(f"input history not saved: cannot write {home / 'history'}") == 1
+    assert [t.user for t in s.turns] == ["Hi", "Hi again"]
+
+
+def test_command_output_cannot_drive_the_terminal(tmp_path, chat_session):
+    from minigpt_cli.cli.ui import terminal_safe
+
+    (tmp_path / "t.txt").write_text("System: hi\x1b]0;owned\x07\x1b[2J\nUser: a\nAssistant: b\n")
+    s = chat_session()
+    out = io.StringIO()
+    with create_pipe_input() as inp:
+        inp.send_text(f"/load {tmp_path / 't.txt'}\r/show\r/quit\r")
+        run_repl(s, Console(file=out, width=200, color_system=None), input=inp,
+                 output=DummyOutput(), safe=terminal_safe)
+    assert s.system == "hi\x1b]0;owned\x07\x1b[2J"  # kept as loaded, shown as symbols
+    assert "\x1b" not in out.getvalue() and "hi␛]0;owned␇␛[2J" in out.getvalue()

@@ -126,6 +126,8 @@ def test_rows_sampled_together_get_the_tokens_each_gets_alone(settings):
     ("min_p", -0.1, "--min-p"), ("repetition_penalty", 0.0, "--repetition-penalty"),
     ("max_new_tokens", 0, "--max-new-tokens"), ("num_samples", 0, "--num-samples"),
     ("temperature", float("nan"), "--temperature"), ("seed", -1, "--seed"),
+    ("temperature", float("inf"), "--temperature"),
+    ("repetition_penalty", float("inf"), "--repetition-penalty"),
     ("seed", 2**64, "--seed"),
 ])
 def test_invalid_settings_name_the_setting_and_the_cli_names_its_flag(field, value, flag):

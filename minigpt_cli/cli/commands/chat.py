@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -37,6 +38,19 @@ EXAMPLES = """Examples:
 In the chat: /help lists the commands (/set, /show, /reset, /system, /save, /load, /stats,
 /quit); Esc then Enter adds a line; Ctrl-C stops a reply; Ctrl-D leaves.
 """
+
+
+def stdin_lines() -> Iterator[str]:
+    """Lines of stdin as they come, as UTF-8 text whatever the locale (in a C or C.UTF-8
+    locale ``sys.stdin`` passes bytes that are not UTF-8 on as surrogates); a leading
+    byte-order mark is skipped."""
+    for number, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MiniGPTError(f"the messages on stdin are not UTF-8 text (line {number})",
+                               "convert them to UTF-8, e.g. iconv -f latin1 -t utf-8") from e
+        yield line.removeprefix("\ufeff") if number == 1 else line
 
 
 def register(app: typer.Typer) -> None:
@@ -88,10 +102,7 @@ def chat(
                           template=template_for_run(run.run_dir, template),
                           system=system, model_label=str(run.run_dir))
     if not sys.stdin.isatty():
-        try:
-            code = run_piped(session, sys.stdin, ui.console, ui.err_console)
-        except UnicodeDecodeError as e:
-            raise MiniGPTError("the messages on stdin are not UTF-8 text") from e
+        code = run_piped(session, stdin_lines(), ui.console, ui.err_console)
     else:
         safe = ui.terminal_safe if ui.console.is_terminal else (lambda s: s)
         code = run_repl(session, ui.console, history_path=paths.data_dir() / HISTORY_FILE,

@@ -159,11 +159,10 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
             raise MiniGPTError(f"cannot read --prompt-file {prompt_file}: "
                                f"{e.strerror or e}") from e
     elif prompt_file is not None or not sys.stdin.isatty():
-        try:
-            text = sys.stdin.read()
+        try:  # the bytes: in a C or C.UTF-8 locale sys.stdin passes bad ones on as surrogates
+            text = sys.stdin.buffer.read().removeprefix(BOM).decode("utf-8")
         except UnicodeDecodeError as e:
             raise MiniGPTError("the prompt on stdin is not UTF-8 text") from e
-        text = text.removeprefix(BOM.decode("utf-8"))
     else:
         return ""
     return text[:-1] if text.endswith("\n") else text
