@@ -117,6 +117,18 @@ def is_out_of_memory(e: BaseException) -> bool:
                                             or "out of memory" in text)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def configure_backends(device: torch.device) -> None:
     """Fast paths that do not change results meaningfully: TF32 matmuls on Ampere+; on the
     CPU, freed memory kept for reuse (see ``keep_freed_memory``)."""

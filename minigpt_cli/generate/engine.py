@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minigpt_cli.device import available_memory
+from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.generate.cache import CachedLM, decoding_layout, one_thread
 from minigpt_cli.generate.decoding import REPETITION_WINDOW, SamplingSettings, sample_next
 from minigpt_cli.generate.quant import DecodingHead
@@ -147,6 +149,7 @@ class Engine:
             yield Notice(w)
 
         B = settings.num_samples
+        self.check_memory(B)
         # torch's default generator starts from a fixed seed in every process: ask the OS
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -193,6 +196,23 @@ class Engine:
             samples=[SampleResult("".join(s.parts), s.tokens, s.finish_reason) for s in samples],
             prompt_tokens=len(ids), prompt_cropped=cropped, warnings=warnings, seed=seed,
             generated_tokens=generated, time_to_first_token=ttft or elapsed, elapsed=elapsed)
+
+    def check_memory(self, rows: int) -> None:
+        """A MiniGPTError (setting ``num_samples``) when ``rows`` samples at once would need
+        more memory than the CPU's system has free: Linux would kill the process, with no
+        word, rather than fail the allocation."""
+        if self.device.type != "cpu" or rows == 1:
+            return
+        cfg = self.model.config
+        per_row = (cfg.num_layers * 2 * cfg.kv_heads * cfg.max_seq_length * cfg.head_dim * 4
+                   + 4 * cfg.vocab_size * 4 + cfg.max_seq_length * 8)  # cache, logits, ids
+        free = available_memory()
+        if free is not None and rows * per_row > free:
+            fit = max(1, free // per_row)
+            raise MiniGPTError(f"num_samples of {rows:,} would need about "
+                               f"{rows * per_row / 2**30:.1f} GiB at once, more than the "
+                               f"{free / 2**30:.1f} GiB of memory free",
+                               f"ask for at most {fit:,}", setting="num_samples")
 
     def _head_for(self, settings: SamplingSettings) -> DecodingHead:
         """Greedy decoding takes the exact head: its argmax must be the model's own (as in

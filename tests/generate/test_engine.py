@@ -139,3 +139,15 @@ def test_stop_on_real_model_output(toy_model, byte_tok, run_engine, complete):
     stop = text[10:13]
     _, result = run_engine(toy_model, byte_tok, "Hi", max_new_tokens=30, temperature=0, stop=[stop])
     assert result.samples[0].text == text[:text.index(stop)]
+
+
+def test_more_samples_than_memory_holds_is_refused_before_anything_is_made(
+        toy_model, byte_tok, run_engine, monkeypatch):
+    from minigpt_cli.errors import MiniGPTError
+
+    monkeypatch.setattr(engine, "available_memory", lambda: 10 << 20)  # 10 MiB free
+    with pytest.raises(MiniGPTError, match=r"num_samples of 100,000 would need about") as e:
+        run_engine(toy_model, byte_tok, "ab", max_new_tokens=2, num_samples=100_000)
+    assert e.value.setting == "num_samples" and "at most" in e.value.hint
+    _, result = run_engine(toy_model, byte_tok, "ab", max_new_tokens=2, num_samples=4)
+    assert len(result.samples) == 4  # what fits still runs

@@ -117,6 +117,7 @@ def generate(
         warnings.append("the prompt is empty: generating from the start of a new document "
                         "(end-of-text)")
         ui.warn(warnings[-1])
+    engine.check_memory(num_samples)  # before a sample's header is shown
     events = engine.generate(prompt_ids, settings, stop_ids, reply=chat)
     if json_out:
         result = None
