@@ -123,7 +123,7 @@ class ChatSession:
         settings = dataclasses.replace(self.settings, num_samples=1,
                                        stop=[*self.template.stops, *self.settings.stop])
         parts: list[str] = []
-        strip = self.template.name == "chat"  # the reply follows "Assistant:" and a space
+        strip = bool(self.template.reply_prefix)  # "Assistant:" and a space, say
         try:
             own = len(self.prompt_ids([], message))
             if prompt.cropped and own > len(prompt.ids):  # not only an earlier turn was cut

@@ -59,6 +59,7 @@ class Template:
     end_of_turn: str | None = None  # the special token that ends the assistant's reply
     stops: tuple[str, ...] = ()  # text that ends a reply (templates without special tokens)
     chat_template: str = ""  # Jinja, for Hugging Face's apply_chat_template
+    reply_prefix: str = ""  # what the layout puts before a reply's text, not part of it
 
     def message_pieces(self, role: str, content: str) -> list[Piece]:
         raise NotImplementedError
@@ -161,6 +162,7 @@ class ChatTextTemplate(Template):
 
     name = "chat"
     stops = ("\nUser:", "\nAssistant:", "\nSystem:", "\n\n")
+    reply_prefix = " "  # "Assistant: Hi": the model writes the space with its first word
     chat_template = (
         "{% for message in messages %}"
         "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\\n' }}"
