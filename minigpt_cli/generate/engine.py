@@ -78,24 +78,28 @@ Event = Notice | TextDelta | SampleFinished | GenerationResult
 class _Sample:
     """One row of the batch: its tokens, text so far and stopping state."""
 
-    def __init__(self, tokenizer, stops: Sequence[str], reply: bool = False):
+    def __init__(self, tokenizer, stops: Sequence[str], reply: bool = False, prefix: str = ""):
         self.stream = TextStream(tokenizer)
         self.stop = StopFilter(stops, reply)
         self.tokens: list[int] = []
         self.parts: list[str] = []
         self.finish_reason: str | None = None
+        self.prefix = prefix  # dropped from the start of the text (a template's, say)
 
     def push(self, token: int) -> tuple[str, bool]:
         self.tokens.append(token)
         text, stopped = self.stop.push(self.stream.push(token))
-        self.parts.append(text)
-        return text, stopped
+        return self._keep(text), stopped
 
     def finish(self, reason: str) -> str:
         self.finish_reason = reason
-        tail = "" if reason == "stop" else self._drain()
-        self.parts.append(tail)
-        return tail
+        return self._keep("" if reason == "stop" else self._drain())
+
+    def _keep(self, text: str) -> str:
+        if text and self.prefix is not None:  # the first text: without the prefix
+            text, self.prefix = text.removeprefix(self.prefix), None
+        self.parts.append(text)
+        return text
 
     def _drain(self) -> str:
         text, stopped = self.stop.push(self.stream.flush())
@@ -132,10 +136,12 @@ class Engine:
         return ids or [self.tokenizer.eot_id]  # nothing to continue: start a new document
 
     def generate(self, prompt: str | Sequence[int], settings: SamplingSettings,
-                 stop_ids: Sequence[int] = (), reply: bool = False) -> Iterator[Event]:
+                 stop_ids: Sequence[int] = (), reply: bool = False,
+                 reply_prefix: str = "") -> Iterator[Event]:
         """Stream events for ``prompt``; a sample ends at end-of-text or any of ``stop_ids``
         (a chat template's end of turn), which are not part of its text. ``reply``: the
-        samples are chat replies (see ``StopFilter``)."""
+        samples are chat replies (see ``StopFilter``), whose text starts after
+        ``reply_prefix`` (the space of "Assistant: Hi", say)."""
         settings.validate()
         t0 = time.perf_counter()
         ids = self.encode_prompt(prompt)
@@ -154,7 +160,8 @@ class Engine:
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         lm = CachedLM(self.model, B, head=self._head_for(settings))
-        samples = [_Sample(self.tokenizer, settings.stop, reply) for _ in range(B)]
+        samples = [_Sample(self.tokenizer, settings.stop, reply, reply_prefix)
+                   for _ in range(B)]
         with torch.inference_mode():
             prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
             # the most recent tokens of every row, for the repetition penalty

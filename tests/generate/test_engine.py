@@ -151,3 +151,15 @@ def test_more_samples_than_memory_holds_is_refused_before_anything_is_made(
     assert e.value.setting == "num_samples" and "at most" in e.value.hint
     _, result = run_engine(toy_model, byte_tok, "ab", max_new_tokens=2, num_samples=4)
     assert len(result.samples) == 4  # what fits still runs
+
+
+def test_a_reply_prefix_is_left_out_of_the_text_streamed_and_whole(toy_model, byte_tok):
+    from minigpt_cli.generate.engine import Engine
+
+    settings = SamplingSettings(max_new_tokens=12, temperature=0)
+    *_, plain = Engine(toy_model, byte_tok).generate("abc", settings)
+    text = plain.samples[0].text
+    assert len(text) > 1
+    events = list(Engine(toy_model, byte_tok).generate("abc", settings, reply_prefix=text[0]))
+    assert streamed(events) == events[-1].samples[0].text == text[1:]
+    assert events[-1].samples[0].tokens == plain.samples[0].tokens  # the tokens all stay

@@ -102,7 +102,7 @@ def generate(
     engine = Engine(run.model, run.tokenizer, dev)
     if template is not None and not chat:
         raise MiniGPTError("--template goes with --chat", "add --chat, or leave it out")
-    shown, stop_ids, prompt_ids, warnings = text, (), text, []
+    shown, stop_ids, prompt_ids, warnings, prefix = text, (), text, [], ""
     if chat:
         from minigpt_cli.chat.template import template_for_run
 
@@ -111,14 +111,14 @@ def generate(
         prompt_ids = tmpl.render(run.tokenizer, [{"role": "user", "content": text}],
                                  add_generation_prompt=True).ids
         settings.stop = [*tmpl.stops, *settings.stop]
-        shown, stop_ids = "", tmpl.stop_ids(run.tokenizer)
+        shown, stop_ids, prefix = "", tmpl.stop_ids(run.tokenizer), tmpl.reply_prefix
     elif not text and (prompt is not None or prompt_file is not None
                        or not sys.stdin.isatty()):
         warnings.append("the prompt is empty: generating from the start of a new document "
                         "(end-of-text)")
         ui.warn(warnings[-1])
     engine.check_memory(num_samples)  # before a sample's header is shown
-    events = engine.generate(prompt_ids, settings, stop_ids, reply=chat)
+    events = engine.generate(prompt_ids, settings, stop_ids, reply=chat, reply_prefix=prefix)
     if json_out:
         result = None
         for event in events:
