@@ -200,7 +200,8 @@ def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
               err: Console) -> int:
     """One message per input line. Each reply is printed literally, without surrounding
     whitespace; replies are separated by a blank line (no reply contains one: both
-    templates stop there). Slash commands work and report on ``err``."""
+    templates stop there). Slash commands work and report on ``err``, as does ``/stats on``
+    after every reply."""
     replies = 0
     for line in lines:
         message = line.rstrip("\r\n")
@@ -220,4 +221,6 @@ def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
                 parts.append(piece)
         out.out(("\n" if replies else "") + "".join(parts).strip())
         replies += 1
+        if session.show_stats:  # on stderr, like every note: stdout keeps only the replies
+            _note(err, session.stats_text())
     return 0

@@ -153,3 +153,18 @@ def test_command_output_cannot_drive_the_terminal(tmp_path, chat_session):
                  output=DummyOutput(), safe=terminal_safe)
     assert s.system == "hi\x1b]0;owned\x07\x1b[2J"  # kept as loaded, shown as symbols
     assert "\x1b" not in out.getvalue() and "hi␛]0;owned␇␛[2J" in out.getvalue()
+
+
+def test_piped_chat_reports_stats_after_each_reply_once_on(scripted_reply, chat_session):
+    """``/stats on`` works piped too: the speed line goes to stderr after every reply, so
+    that stdout keeps only the replies."""
+    scripted_reply("Fine.")
+    s = chat_session(max_new_tokens=12)  # room for the messages in the toy's context
+    out, err = io.StringIO(), io.StringIO()
+    code = run_piped(s, ["Hi\n", "/stats on\n", "Yo\n", "Ok\n"],
+                     Console(file=out, width=200), Console(file=err, width=200))
+    assert code == 0
+    assert out.getvalue() == "Fine.\n\nFine.\n\nFine.\n"
+    lines = err.getvalue().splitlines()
+    assert lines[0] == "stats on"
+    assert len(lines) == 3 and all(" tokens/s · first token " in line for line in lines[1:])

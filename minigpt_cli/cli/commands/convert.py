@@ -72,10 +72,12 @@ def export_(
 @ui.guarded
 def import_(
     source: Annotated[str, typer.Argument(
-        help="A Hugging Face GPT-2 folder, hf:NAME (from the Hub), or a minigpt run.")],
+        help="A Hugging Face GPT-2 or Llama folder, hf:NAME (from the Hub), or a minigpt "
+             "run.")],
     out: Annotated[Path, typer.Option(help="The new run directory.")],
 ) -> None:
-    """Import a GPT-2-family checkpoint as a run that generate, chat, eval and export use."""
+    """Import a GPT-2- or Llama-family checkpoint as a run that generate, chat, eval and
+    export use."""
     from minigpt_cli.convert.importing import import_run
 
     path = import_run(source, out)

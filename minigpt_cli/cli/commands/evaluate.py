@@ -41,7 +41,8 @@ def eval_(
         "--model", help="Run directory (repeatable: several give a side-by-side table). "
                         "Default: the latest run under runs/.")] = None,
     dataset: Annotated[str | None, typer.Option(
-        help="Text file, folder, wikitext-2, wikitext-103, hf:NAME[:CONFIG] or stdlib-docs. "
+        help="Text file, .jsonl/.json/.parquet records, folder, wikitext-2, wikitext-103, "
+             "tinyshakespeare, hf:NAME[:CONFIG] or stdlib-docs. "
              "Default: the run's own dataset.")] = None,
     split: Annotated[str | None, typer.Option(
         help="Split of the dataset: train, val or test. Default: val.")] = None,

@@ -45,7 +45,8 @@ def train(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config key: section.key=value (repeatable).")] = None,
     dataset: Annotated[str | None, typer.Option(
-        help="Text file, folder, wikitext-2, wikitext-103, hf:NAME[:CONFIG] or stdlib-docs.")
+        help="Text file, .jsonl/.json/.parquet records, folder, wikitext-2, wikitext-103, "
+             "tinyshakespeare, hf:NAME[:CONFIG] or stdlib-docs.")
     ] = None,
     tokenizer: Annotated[str | None, typer.Option(
         help="byte, char, tiktoken:NAME|FILE, sentencepiece:unigram|bpe:SIZE or FILE.")] = None,
@@ -63,8 +64,8 @@ def train(
         help="torch.compile the model (faster steps on GPUs after a warm-up of a minute or "
              "so; rarely pays on CPUs).")] = None,
     init: Annotated[str | None, typer.Option(
-        help="Start from these weights (and their tokenizer): a Hugging Face GPT-2 folder, "
-             "hf:NAME or a minigpt run.")] = None,
+        help="Start from these weights (and their tokenizer): a Hugging Face GPT-2 or "
+             "Llama folder, hf:NAME or a minigpt run.")] = None,
     lora: Annotated[int | None, typer.Option(
         "--lora", metavar="RANK",
         help="Fine-tune --init with LoRA adapters of this rank (lora.rank); the base "

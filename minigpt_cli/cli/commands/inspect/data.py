@@ -31,7 +31,8 @@ EXAMPLES = """Examples:
 @ui.guarded
 def command(
     dataset: Annotated[str | None, typer.Argument(
-        help="Text file, folder, wikitext-2, wikitext-103, hf:NAME[:CONFIG] or stdlib-docs. "
+        help="Text file, .jsonl/.json/.parquet records, folder, wikitext-2, wikitext-103, "
+             "tinyshakespeare, hf:NAME[:CONFIG] or stdlib-docs. "
              "Default with --model: the run's dataset.")] = None,
     tokenizer: Annotated[str | None, typer.Option(
         help="Tokenizer spec (byte, tiktoken:gpt2, ...); ones that learn a vocabulary learn "
