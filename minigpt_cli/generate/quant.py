@@ -197,6 +197,20 @@ def quantize_model(model: nn.Module, mode: str | None, group: int = INT4_GROUP) 
     return model
 
 
+def int4_fallback_note(model: nn.Module, mode: str | None, group: int = INT4_GROUP) -> str | None:
+    """For ``int4``: which quantised layers are int8 instead (their width is not a multiple
+    of the group), to be said; None when every layer is int4, or for another mode."""
+    if mode != "int4":
+        return None
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    int8 = sum(isinstance(m, Int8Linear) for m in layers)
+    if not int8:
+        return None
+    which = "every one of the" if int8 == len(layers) else f"{int8} of the"
+    return (f"int4: {which} {len(layers)} linear layers stayed int8, as their input width "
+            f"is not a multiple of {group}")
+
+
 class DecodingHead:
     """The output head for the one position per row that decoding needs.
 

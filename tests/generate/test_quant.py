@@ -114,6 +114,19 @@ def test_any_model_of_linear_layers_is_quantized():
     assert [m.mode for m in q if isinstance(m, quant.QuantizedLinear)] == ["int8", "int8"]
 
 
+def test_int4_says_which_layers_stayed_int8():
+    model = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 64))
+    assert quant.int4_fallback_note(quantized(model, "int8"), "int8") is None
+    note = quant.int4_fallback_note(quantized(model, "int4"), "int4")  # 48 inputs: int8
+    assert note == ("int4: 1 of the 2 linear layers stayed int8, as their input width is "
+                    "not a multiple of 32")
+    q = quant.quantize_model(copy.deepcopy(model), "int4", group=128)
+    assert quant.int4_fallback_note(q, "int4", group=128).startswith(
+        "int4: every one of the 2 linear layers stayed int8")
+    every = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+    assert quant.int4_fallback_note(quantized(every, "int4"), "int4") is None
+
+
 @pytest.mark.parametrize("mode", quant.QUANTIZE_MODES)
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_quantized_model_counts_the_parameters_it_had(toy_model, mode, tied):

@@ -90,7 +90,7 @@ def chat(
     from minigpt_cli.cli.repl import HISTORY_FILE, run_piped, run_repl
     from minigpt_cli.device import configure_backends, select_device
     from minigpt_cli.generate.engine import Engine
-    from minigpt_cli.generate.quant import check_quantize, quantize_model
+    from minigpt_cli.generate.quant import check_quantize, int4_fallback_note, quantize_model
     from minigpt_cli.run.load import load_run
 
     dev = select_device(device)
@@ -98,6 +98,8 @@ def chat(
     quantize = check_quantize(quantize, dev)
     run = load_run(model, dev)
     quantize_model(run.model, quantize)
+    if note := int4_fallback_note(run.model, quantize):
+        ui.warn(note)
     session = ChatSession(Engine(run.model, run.tokenizer, dev), settings,
                           template=template_for_run(run.run_dir, template),
                           system=system, model_label=str(run.run_dir))

@@ -77,7 +77,7 @@ def eval_(
     from minigpt_cli.data.resolve import resolve_source
     from minigpt_cli.device import configure_backends, select_device, select_precision
     from minigpt_cli.evaluate.perplexity import check_stride, record, result_key
-    from minigpt_cli.generate.quant import check_quantize, quantize_model
+    from minigpt_cli.generate.quant import check_quantize, int4_fallback_note, quantize_model
     from minigpt_cli.run.load import load_run
 
     dev = select_device(device)
@@ -114,6 +114,8 @@ def eval_(
         if quantize:
             plain = res.to_dict()
             quantize_model(run.model, quantize)
+            if note := int4_fallback_note(run.model, quantize):
+                ui.warn(note)
             res = _score(f"{run.run_dir.name} ({quantize})", *job)
             compared = {"unquantized": plain,
                         "bits_per_byte_change": _relative(res.bits_per_byte,

@@ -91,7 +91,7 @@ def generate(
     text = read_prompt(prompt, prompt_file)
     from minigpt_cli.device import configure_backends, select_device
     from minigpt_cli.generate.engine import Engine, GenerationResult, Notice
-    from minigpt_cli.generate.quant import check_quantize, quantize_model
+    from minigpt_cli.generate.quant import check_quantize, int4_fallback_note, quantize_model
     from minigpt_cli.run.load import load_run
 
     dev = select_device(device)
@@ -99,6 +99,8 @@ def generate(
     quantize = check_quantize(quantize, dev)
     run = load_run(model, dev)
     quantize_model(run.model, quantize)
+    if note := int4_fallback_note(run.model, quantize):
+        ui.warn(note)
     engine = Engine(run.model, run.tokenizer, dev)
     if template is not None and not chat:
         raise MiniGPTError("--template goes with --chat", "add --chat, or leave it out")
