@@ -52,6 +52,7 @@ class BatchRequest:
     presence_penalty: float = 0.0
     stop_ids: tuple[int, ...] = ()  # besides end-of-text: a chat template's end of turn
     reply: bool = False  # a chat reply: whitespace-only stops count after its first text
+    reply_prefix: str = ""  # left out of a reply's text (the space of "Assistant: Hi")
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
 
@@ -113,7 +114,8 @@ class _Row:
                  device):
         s = handle.request.settings
         self.handle, self.sample, self.length = handle, sample, length
-        self.text = _Sample(tokenizer, s.stop, handle.request.reply)
+        self.text = _Sample(tokenizer, s.stop, handle.request.reply,
+                            handle.request.reply_prefix)
         self.gen = torch.Generator(device=device).manual_seed(seed + sample)
         self.next_token = -1
         self.generated = 0

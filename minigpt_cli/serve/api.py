@@ -135,11 +135,12 @@ class Generation:
     stop_ids: tuple[int, ...] = ()
     reply: bool = False  # chat: replies, see StopFilter
     logit_bias: dict[int, float] | None = None
+    reply_prefix: str = ""  # the chat template's, left out of the replies
 
     def requests(self) -> list[BatchRequest]:
         return [BatchRequest(p, self.settings, self.logprobs, self.echo,
                              self.frequency_penalty, self.presence_penalty, self.stop_ids,
-                             self.reply, self.logit_bias)
+                             self.reply, self.reply_prefix, self.logit_bias)
                 for p in self.prompts]
 
 
@@ -288,7 +289,7 @@ def parse_chat(body: dict, tokenizer, context: int, max_batch: int,
     if _bool(body, "logprobs"):
         logprobs = _number(body, "top_logprobs", 0, 0, 20, integer=True)
     return Generation([ids], settings, logprobs=logprobs, stop_ids=stop_ids, reply=True,
-                      **extra)
+                      reply_prefix=template.reply_prefix, **extra)
 
 
 # ---- responses -----------------------------------------------------------------------------

@@ -363,7 +363,6 @@ async def _respond(served: ServedModel, request: Request, gen: api.Generation, c
         start, text, toks = starts[k // n], texts.get(k, ""), infos.get(k, [])
         reason = finish.get(k, "length")
         if chat:
-            text = text.removeprefix(served.template.reply_prefix)
             choices.append({"index": k, "message": {"role": "assistant", "content": text},
                             "logprobs": api.chat_logprobs(tok, toks)
                             if gen.logprobs is not None else None,
@@ -405,16 +404,11 @@ async def _chat_stream(served, gen, calls: _Calls, starts):
 
     for k in range(len(starts) * n):
         yield chunk(k, {"role": "assistant", "content": ""})
-    prefix, begun = served.template.reply_prefix, set()  # choices with text sent
     async for i, event in _coalesced(calls, gen):
         if isinstance(event, Token):
-            k, text = i * n + event.sample, event.text
-            if text and k not in begun:
-                text = text.removeprefix(prefix)
-                begun.add(k)
             lp = api.chat_logprobs(tok, [event.info]) if gen.logprobs is not None else None
-            if text or lp:
-                yield chunk(k, {"content": text}, logprobs=lp)
+            if event.text or lp:
+                yield chunk(i * n + event.sample, {"content": event.text}, logprobs=lp)
         elif isinstance(event, SampleFinished):
             yield chunk(i * n + event.sample, {}, api.FINISH[event.finish_reason])
         elif isinstance(event, Failed):
