@@ -74,15 +74,15 @@ def check_conversation(obj: Any, where: str) -> Conversation:
     return out
 
 
-def read_jsonl(path: Path) -> list[Conversation]:
-    """Every conversation of a chat JSONL file, checked line by line."""
+def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` for every non-blank line of a JSON Lines file, ``where`` being
+    ``path:line``; a line that is not UTF-8 or not JSON is a DataError naming it."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    conversations = []
     for lineno, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
@@ -96,7 +96,12 @@ def read_jsonl(path: Path) -> list[Conversation]:
             obj = json.loads(line)
         except ValueError as e:
             raise DataError(f"{where}: not JSON ({getattr(e, 'msg', e)})") from e
-        conversations.append(check_conversation(obj, where))
+        yield where, obj
+
+
+def read_jsonl(path: Path) -> list[Conversation]:
+    """Every conversation of a chat JSONL file, checked line by line."""
+    conversations = [check_conversation(obj, where) for where, obj in json_lines(path)]
     if not conversations:
         raise DataError(f"{path} has no conversations", "one JSON object per line")
     return conversations

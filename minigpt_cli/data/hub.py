@@ -233,23 +233,13 @@ def _cause(e: BaseException) -> str:
 
 def _check_json_lines(path: str) -> None:
     """A DataError naming the first line of a JSON Lines file that is not a JSON object."""
-    import json
+    from pathlib import Path
 
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path}:{lineno}: not JSON ({getattr(e, 'msg', e)})",
-                                    "one JSON object per line") from e
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: not a JSON object",
-                                    "one JSON object per line")
-    except (OSError, UnicodeDecodeError):
-        return  # the caller's own message says it
+    from minigpt_cli.data.chat import json_lines
+
+    for where, obj in json_lines(Path(path)):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: not a JSON object", "one JSON object per line")
 
 
 @contextmanager
