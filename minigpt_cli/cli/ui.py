@@ -21,17 +21,23 @@ from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.generate.text import STREAM_INTERVAL
 
 
+def _go_quiet(console: Console) -> None:
+    """Write nothing more to ``console``, whose reader is gone: later writes and the
+    interpreter's last flush go to /dev/null."""
+    console.quiet = True
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, console.file.fileno())
+        os.close(devnull)
+
+
 class _Stdout(Console):
     """Rich's console, but when the reader of its output is gone (``generate | head``) it
     goes quiet and raises ``BrokenPipeError``, on which ``guarded`` ends the command with
     exit code 0 as for ``typer.echo``'s output; Rich's own exits with 1."""
 
     def on_broken_pipe(self) -> None:
-        self.quiet = True
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's last flush
-            os.dup2(devnull, self.file.fileno())
-            os.close(devnull)
+        _go_quiet(self)
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
@@ -85,16 +91,9 @@ def guarded(fn: F) -> F:
 @contextlib.contextmanager
 def quiet_after_broken_pipe(console: Console) -> Iterator[None]:
     """While the block runs, ``console`` goes quiet when the reader of its output is gone
-    (``minigpt train | tee log``, and a Ctrl-C that ended tee too) instead of exiting as Rich
-    does: a long job goes on, and saves and says (on stderr) what it was asked to."""
-    def quiet() -> None:
-        console.quiet = True
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            devnull = os.open(os.devnull, os.O_WRONLY)  # later writes and the last flush
-            os.dup2(devnull, console.file.fileno())
-            os.close(devnull)
-
-    console.on_broken_pipe = quiet  # type: ignore[method-assign]
+    (``minigpt train | tee log``, and a Ctrl-C that ended tee too) instead of ending the
+    command: a long job goes on, and saves and says (on stderr) what it was asked to."""
+    console.on_broken_pipe = lambda: _go_quiet(console)  # type: ignore[method-assign]
     try:
         yield
     finally:
