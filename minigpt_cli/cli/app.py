@@ -7,11 +7,13 @@ command that runs.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
 from minigpt_cli import __version__
+from minigpt_cli.cli import ui
 from minigpt_cli.cli.commands import chat, convert, evaluate, generate, inspect, serve, train
 
 app = typer.Typer(
@@ -57,4 +59,23 @@ serve.register(app)
 
 
 def main() -> None:
-    app()
+    """The console script: ``app`` with Click's usage errors as one line, like every other
+    error (Typer's own display is a usage line, a hint and a boxed message)."""
+    # Click's exceptions, wherever this Typer keeps them (newer ones vendor Click)
+    errors = sys.modules[typer.BadParameter.__module__]
+    no_args = getattr(errors, "NoArgsIsHelpError", ())
+    try:
+        code = app(standalone_mode=False)
+    except no_args:
+        app()  # a bare `minigpt` or `minigpt inspect`: the help, as usual
+    except errors.UsageError as e:
+        path = e.ctx.command_path if e.ctx is not None else "minigpt"
+        ui.error_line(e.format_message(), f"see '{path} --help'")
+        sys.exit(e.exit_code)
+    except errors.ClickException as e:
+        ui.error_line(e.format_message())
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        ui.error_line("aborted.")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
