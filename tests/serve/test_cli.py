@@ -123,3 +123,13 @@ def test_the_http_thread_keeps_to_the_last_core_and_the_rest_are_untouched():
     thread.start()
     thread.join()
     assert seen == [{max(cores)}] and os.sched_getaffinity(0) == cores
+
+
+def test_int4_says_which_layers_stayed_int8(start_server, toy_run, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("hello\n")
+    run = toy_run(tmp_path / "run", data, ff_dim=48)  # two layers with 48 inputs
+    server = start_server("--quantize", "int4", run_dir=run)
+    code, err = server.stop()
+    assert "Warning:" in err and "int4: 2 of the 9 linear layers stayed int8" in err, err
+    assert code == 143 and "Traceback" not in err

@@ -78,6 +78,10 @@ def serve(
     except BaseException:
         sock.close()
         raise
+    from minigpt_cli.generate.quant import int4_fallback_note
+
+    if note := int4_fallback_note(served.scheduler.model, quantize):
+        ui.warn(note)
     if every_interface(sock) and not api_key:
         ui.warn(f"listening on every interface ({host}) without --api-key: anyone who can "
                 "reach this machine can use the model")
