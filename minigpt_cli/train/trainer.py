@@ -293,7 +293,11 @@ class Trainer:
         """The job's tokens/s against the peak of all its devices (one per rank)."""
         if not self.flops_per_token or not self.peak_flops:
             return None
-        return tokens_per_sec * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        achieved = tokens_per_sec * self.flops_per_token / self.dist.world_size
+        # a CPU's peak is one matmul timed at start-up, low if the machine was busy then:
+        # the peak is the most this device has been seen to do, so never over 100%
+        self.peak_flops = max(self.peak_flops, achieved)
+        return achieved / self.peak_flops
 
     def fit(self) -> Finished:
         """Train to ``total_steps``; in several processes, a rank that dies makes the
