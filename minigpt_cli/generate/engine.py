@@ -22,7 +22,12 @@ import torch
 from minigpt_cli.device import available_memory
 from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.generate.cache import CachedLM, decoding_layout, one_thread
-from minigpt_cli.generate.decoding import REPETITION_WINDOW, SamplingSettings, sample_next
+from minigpt_cli.generate.decoding import (
+    REPETITION_WINDOW,
+    SamplingSettings,
+    sample_next,
+    sample_rows,
+)
 from minigpt_cli.generate.quant import DecodingHead
 from minigpt_cli.generate.text import StopFilter, TextStream
 from minigpt_cli.model.gpt import GPT
@@ -158,7 +163,9 @@ class Engine:
         self.check_memory(B)
         # torch's default generator starts from a fixed seed in every process: ask the OS
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        # row i draws from a generator of its own seeded seed + i, as the server's rows do,
+        # so that `--seed` gives the server's samples and a row never depends on the others
+        gens = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(B)]
         lm = CachedLM(self.model, B, head=self._head_for(settings))
         samples = [_Sample(self.tokenizer, settings.stop, reply, reply_prefix)
                    for _ in range(B)]
@@ -171,7 +178,7 @@ class Engine:
 
         ends, generated, ttft = {self.tokenizer.eot_id, *stop_ids}, 0, None
         for step in range(settings.max_new_tokens):
-            nxt = self._sample(logits, settings, gen, recent)
+            nxt = self._sample(logits, settings, gens, recent)
             if recent is not None:
                 with torch.inference_mode():
                     recent = torch.cat([recent, nxt[:, None]], dim=1)[:, -REPETITION_WINDOW:]
@@ -231,12 +238,21 @@ class Engine:
         return self._exact_head
 
     @torch.inference_mode()
-    def _sample(self, logits, settings, gen, recent) -> torch.Tensor:
+    def _sample(self, logits, settings, gens, recent) -> torch.Tensor:
+        """The next token of every row, row i drawing from ``gens[i]``: as the scheduler
+        draws them (``sample_rows`` in one batch, one row at a time with a penalty or
+        top-p, whose shortcut depends on every row of a batch)."""
         if self._vocab_limit is not None:  # never sample ids the tokenizer cannot decode
             logits = logits[..., :self._vocab_limit]
         # a few passes over one row of logits: too small to be worth a second thread
         with one_thread(logits.device.type == "cpu" and logits.size(0) == 1):
-            return sample_next(logits, settings, gen, recent)
+            if len(gens) == 1:
+                return sample_next(logits, settings, gens[0], recent)
+            if recent is None and settings.top_p >= 1.0:
+                return sample_rows(logits, settings, gens)
+            return torch.cat([sample_next(logits[i:i + 1], settings, g,
+                                          None if recent is None else recent[i:i + 1])
+                              for i, g in enumerate(gens)])
 
     @staticmethod
     def _finish(i: int, sample: _Sample, reason: str) -> Iterator[Event]:

@@ -94,6 +94,27 @@ def test_concurrent_greedy_requests_match_the_engine_alone(toy_gpt, byte_tok, on
         scheduler.close()
 
 
+@pytest.mark.parametrize("extra", [{}, {"top_p": 0.9}, {"repetition_penalty": 1.3},
+                                   {"top_k": 5, "min_p": 0.05}])
+def test_every_sample_of_a_seed_matches_the_engine(toy_gpt, byte_tok, one_thread, extra):
+    """``n`` samples with one seed: the server's rows and ``generate --num-samples`` agree
+    row by row (row i draws from seed + i in both), with top-p and penalties too."""
+    model = toy_gpt(seed=2, max_seq_length=64)
+    settings = SamplingSettings(max_new_tokens=12, temperature=1.0, num_samples=3, seed=5,
+                                **extra)
+    result = list(Engine(model, byte_tok).generate("ab", settings))[-1]  # the server's head
+    assert len({tuple(s.tokens) for s in result.samples}) > 1  # the rows differ
+    scheduler = Scheduler(model, byte_tok, max_batch=3)
+    try:
+        events = drain(collect(scheduler, BatchRequest(byte_tok.encode("ab"), settings))[1])
+    finally:
+        scheduler.close()
+    for i, sample in enumerate(result.samples):
+        tokens = [e.info.token for e in events if isinstance(e, Token) and e.sample == i]
+        eot = [byte_tok.eot_id] if sample.finish_reason == "eot" else []
+        assert tokens == sample.tokens + eot, i
+
+
 def test_a_request_ends_at_its_stop_ids(toy_gpt, byte_tok, one_thread):
     """A chat template's end of turn ends a row as end-of-text does, left out of the text."""
     model = toy_gpt(seed=1, max_seq_length=64)

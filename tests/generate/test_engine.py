@@ -74,10 +74,11 @@ def test_the_penalty_sees_the_last_64_tokens_of_each_row(toy_model, byte_tok, mo
     _, result = run_engine(toy_model, byte_tok, prompt, max_new_tokens=50, seed=0,
                            num_samples=2, repetition_penalty=1.5)
     assert max(len(s.tokens) for s in result.samples) > 64 - len(prompt)  # the window slid
+    assert all(len(recent) == 1 for recent in seen)  # one row per call (a seed per row)
     for row, sample in enumerate(result.samples):
         full = prompt + sample.tokens
-        for step, recent in enumerate(seen[:len(sample.tokens) + 1]):  # till it ended
-            assert recent[row].tolist() == full[:len(prompt) + step][-64:]
+        for step, recent in enumerate(seen[row::2][:len(sample.tokens) + 1]):  # till it ended
+            assert recent[0].tolist() == full[:len(prompt) + step][-64:]
 
 
 def test_tokens_the_tokenizer_cannot_decode_are_never_sampled(byte_tok, run_engine, toy_gpt):
