@@ -45,11 +45,78 @@ def inside(root: Path, path: Path) -> Path:
     return path
 
 
+# the run directories this process trains, each held by a lock on an open descriptor
+_HELD: dict[str, int] = {}
+BUSY_HINT = "wait for that training to end, or stop it (Ctrl-C saves a checkpoint)"
+
+
+def _lock(run_dir: Path) -> int | None:
+    """A descriptor of ``run_dir`` with an exclusive lock (``flock`` on the folder itself:
+    no lock file), or None where locks are not available. BlockingIOError: another
+    process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return None
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # a filesystem without locks
+        os.close(fd)
+        return None
+    return fd
+
+
+def hold_run_dir(run_dir: Path) -> None:
+    """Claim ``run_dir`` for this process's training until ``release_run_dir`` (or the
+    process's end, however it ends): another process that tries gets a CheckpointError,
+    rather than two trainings writing checkpoints into one run. Again in this process:
+    nothing (it holds it already)."""
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        return
+    try:
+        fd = _lock(run_dir)
+    except BlockingIOError:
+        raise CheckpointError(f"{run_dir} is being trained by another process",
+                              BUSY_HINT) from None
+    if fd is not None:
+        _HELD[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    fd = _HELD.pop(os.path.realpath(run_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _busy(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir`` (``hold_run_dir``)."""
+    if os.path.realpath(run_dir) in _HELD:
+        return False
+    try:
+        fd = _lock(run_dir)
+    except BlockingIOError:
+        return True
+    if fd is not None:
+        os.close(fd)
+    return False
+
+
 def check_new_run_dir(run_dir: Path) -> None:
     """Fail early, before any work, when ``run_dir`` cannot become a new run directory."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"out {run_dir} is a file, not a directory",
                               "choose another run directory", setting="out")
+    if run_dir.is_dir() and _busy(run_dir):
+        raise CheckpointError(f"out {run_dir} is being trained by another process", BUSY_HINT,
+                              setting="out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         hint = "resume it, or choose another run directory"
         if (run_dir / CONFIG_FILE).is_file() and not has_checkpoint(run_dir):  # kill -9, say

@@ -73,6 +73,7 @@ def discarded_on_failure(run_dir: Path, new: bool, made: bool) -> Iterator[None]
     except BaseException:
         if new and distributed.is_main():
             layout.discard_new_run_dir(run_dir, made)
+        layout.release_run_dir(run_dir)
         raise
 
 
@@ -257,6 +258,7 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
         if out is None:
             raise ConfigError("resuming needs the run directory to continue")
         config = resume_config(out, config, changed)
+        layout.hold_run_dir(out)  # until training ends: one training per run at a time
         resumed_from, notes = ckpt.resume_checkpoint(out)
     else:
         config.validate()  # every setting checked before anything is written
@@ -306,6 +308,7 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
         made = not out.exists()
         run_dir = layout.create_run_dir(out)
         with discarded_on_failure(run_dir, True, made):
+            layout.hold_run_dir(run_dir)
             layout.write_run_files(run_dir, config, tokenizer)
             if template is not None:
                 save_run_template(run_dir, template)

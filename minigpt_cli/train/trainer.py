@@ -28,6 +28,7 @@ from minigpt_cli.device import Precision, is_out_of_memory
 from minigpt_cli.errors import CheckpointError, MiniGPTError
 from minigpt_cli.model import lora
 from minigpt_cli.run import checkpoint as ckpt
+from minigpt_cli.run import layout
 from minigpt_cli.train import distributed
 from minigpt_cli.train.events import Callback, Event, Finished, Logged, Saved, Started, Validated
 
@@ -319,6 +320,8 @@ class Trainer:
                 raise MiniGPTError(f"train.compile: torch.compile failed ({why})",
                                    "train without train.compile") from e
             raise
+        finally:
+            layout.release_run_dir(self.run_dir)  # held since setup (``hold_run_dir``)
 
     def _fit(self) -> Finished:
         cfg = self.cfg

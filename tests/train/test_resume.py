@@ -1,7 +1,11 @@
 """Resuming is exact after a stop at any step or a metrics line torn by a crash; a loss
-that diverges stops training before a broken model is saved."""
+that diverges stops training before a broken model is saved; a run that another process
+trains is refused."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,3 +67,50 @@ def test_a_nan_loss_stops_before_a_broken_model_is_saved(corpus, tmp_path, train
     assert [d.name for d in checkpoint.step_dirs(tmp_path / "run")] == ["step-0000004"]
     loaded = load.load_run(tmp_path / "run")
     assert all(p.isfinite().all() for p in loaded.model.parameters())
+
+
+@pytest.fixture
+def held_elsewhere():
+    """``held_elsewhere(run_dir)``: another process holds ``run_dir`` as a training does."""
+    procs = []
+
+    def hold(run_dir):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from minigpt_cli.run import layout; layout.hold_run_dir(Path(sys.argv[1])); "
+             "print('held', flush=True); sys.stdin.read()", str(run_dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.communicate("")
+
+
+def test_a_run_another_process_trains_is_refused(corpus, tmp_path, train_config,
+                                                 stop_after, held_elsewhere):
+    from minigpt_cli.errors import CheckpointError
+
+    run = prepare(train_config(corpus, "train.max_steps=6"), tmp_path / "run")
+    stop_after(run, 3)
+    with pytest.raises(TrainingStopped):
+        run.trainer.fit()
+    before = sorted(p.name for p in (tmp_path / "run" / layout.CKPT_DIR).iterdir())
+    holder = held_elsewhere(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="being trained by another process"):
+        prepare(train_config(corpus, "train.max_steps=6"), tmp_path / "run", resume=True)
+    with pytest.raises(CheckpointError, match="being trained by another process"):
+        prepare(train_config(corpus), tmp_path / "run")  # not "remove it and train again"
+    assert sorted(p.name for p in (tmp_path / "run" / layout.CKPT_DIR).iterdir()) == before
+    holder.communicate("")  # that training ends: the run resumes here
+    run = prepare(train_config(corpus, "train.max_steps=6"), tmp_path / "run", resume=True)
+    # and while this process trains it (from setup to the end of training), others wait
+    probe = [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from minigpt_cli.run import layout; layout.hold_run_dir(Path(sys.argv[1]))",
+             str(tmp_path / "run")]
+    refused = subprocess.run(probe, capture_output=True, text=True)
+    assert refused.returncode != 0 and "being trained by another process" in refused.stderr
+    run.trainer.fit()
+    assert subprocess.run(probe).returncode == 0  # released when training ended
