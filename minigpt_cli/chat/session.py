@@ -45,7 +45,8 @@ COMMANDS = {
     "/quit": "leave (Ctrl-D works too)",
 }
 HELP_FOOTER = ('Enter sends; Esc then Enter adds a line; a line of """ starts and ends a '
-               "multi-line message. Ctrl-C stops a reply.")
+               "multi-line message; // sends a message that starts with /. Ctrl-C stops a "
+               "reply.")
 
 
 class Prompt(NamedTuple):
@@ -165,7 +166,15 @@ class ChatSession:
 
     @staticmethod
     def is_command(text: str) -> bool:
-        return text.lstrip().startswith("/")
+        """A slash command; ``//`` starts a message that starts with ``/`` instead."""
+        text = text.lstrip()
+        return text.startswith("/") and not text.startswith("//")
+
+    @staticmethod
+    def message_text(text: str) -> str:
+        """What a message line sends: ``//etc`` sends ``/etc``."""
+        start = len(text) - len(text.lstrip())
+        return text[:start] + text[start + 1:] if text[start:].startswith("//") else text
 
     def handle_command(self, line: str) -> CommandResult:
         name, _, arg = line.strip().partition(" ")
@@ -177,7 +186,8 @@ class ChatSession:
             "/exit": self._quit,
         }.get(name)
         if handler is None:
-            return _fail(f"unknown command {name}; type /help for the list")
+            return _fail(f"unknown command {name}; type /help for the list (// sends a "
+                         "message that starts with /)")
         return handler(arg)
 
     def _help(self, arg: str) -> CommandResult:

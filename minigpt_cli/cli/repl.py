@@ -181,9 +181,10 @@ def run_repl(session: ChatSession, console: Console, *, history_path: Path | Non
         if getattr(history, "problem", None) and not history_failed:  # it stops trying
             _note(console, history.problem, ok=False)
             history_failed = True
-        if text.strip().startswith('"""'):
+        quoted = text.strip().startswith('"""')  # a quoted block is a message, whatever it holds
+        if quoted:
             text = _unquote(text)
-        if session.is_command(text):
+        if not quoted and session.is_command(text):
             try:
                 result = session.handle_command(text)
             except KeyboardInterrupt:
@@ -193,7 +194,7 @@ def run_repl(session: ChatSession, console: Console, *, history_path: Path | Non
             if result.quit:
                 return 0
         elif text.strip():
-            _show_reply(session, text, console, safe)
+            _show_reply(session, text if quoted else session.message_text(text), console, safe)
 
 
 def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
@@ -201,7 +202,7 @@ def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
     """One message per input line. Each reply is printed literally, without surrounding
     whitespace; replies are separated by a blank line (no reply contains one: both
     templates stop there). Slash commands work and report on ``err``, as does ``/stats on``
-    after every reply."""
+    after every reply; ``//`` starts a message that starts with ``/``."""
     replies = 0
     for line in lines:
         message = line.rstrip("\r\n")
@@ -214,7 +215,7 @@ def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
                 break
             continue
         parts = []
-        for piece in session.respond(message):
+        for piece in session.respond(session.message_text(message)):
             if isinstance(piece, Notice):
                 _note(err, piece.message, ok=False)
             else:

@@ -168,3 +168,18 @@ def test_piped_chat_reports_stats_after_each_reply_once_on(scripted_reply, chat_
     lines = err.getvalue().splitlines()
     assert lines[0] == "stats on"
     assert len(lines) == 3 and all(" tokens/s · first token " in line for line in lines[1:])
+
+
+def test_a_message_can_start_with_a_slash(scripted_reply, chat_session):
+    """``//`` sends a message that starts with ``/``, typed or piped; so does a quoted block."""
+    scripted_reply(" Sure.")
+    s = chat_session(max_new_tokens=40)
+    code, out = drive(s, '//etc/hosts is what?\r"""/usr/bin"""\r/nope\r/quit\r')
+    assert code == 0 and "unknown command /nope" in out and "// sends a message" in out
+    assert [t.user for t in s.turns] == ["/etc/hosts is what?", "/usr/bin"]
+    s = chat_session(max_new_tokens=40)
+    out, err = io.StringIO(), io.StringIO()
+    assert run_piped(s, ["//tmp is full\n", "  // spaced\n"], Console(file=out),
+                     Console(file=err)) == 0
+    assert [t.user for t in s.turns] == ["/tmp is full", "  / spaced"]
+    assert "unknown command" not in err.getvalue()
