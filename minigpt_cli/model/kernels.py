@@ -97,7 +97,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, h, w, targets, dtype, chunk, tile, block, need_grad, need_grad_w):
         w_c = w.to(dtype)
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_wt = None  # (C, V): h_c.T @ g is much faster than g.T @ h_c
+        grad_wt = None  # (C, V), or a view of a (V, C) tensor
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         logits = torch.empty(min(chunk, h.size(0)), w.size(0), dtype=dtype, device=h.device)
         tiny = torch.finfo(torch.float32).tiny
@@ -124,10 +124,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if need_grad:
                 grad_h[i:i + n] = (g @ w_c).to(h.dtype)
                 if need_grad_w:  # not for a frozen head (LoRA): the largest matmul saved
-                    h_t = h_c.t()
-                    if h.device.type == "cpu" and g.size(1) >= 32 * h_t.size(0):
-                        h_t = h_t.contiguous()  # 1.1x faster for 50257 x 256 than the view
-                    part = h_t @ g
+                    if h.device.type == "cpu" and dtype == torch.float32:
+                        # fp32 (MKL): g.T @ h_c, in w's own layout (a (C, V) view of it),
+                        # ran 1.4x faster than h_c.T @ g on a Zen 4 and needs no transpose
+                        part = (g.t() @ h_c).t()
+                    else:  # bf16 (oneDNN): the other way round is 1.5x faster
+                        h_t = h_c.t()
+                        if h.device.type == "cpu" and g.size(1) >= 32 * h_t.size(0):
+                            h_t = h_t.contiguous()  # 1.1x faster for 50257 x 256 than the view
+                        part = h_t @ g
                     grad_wt = part if grad_wt is None else grad_wt.float().add_(part)
         ctx.save_for_backward(grad_h, grad_wt)
         ctx.w_dtype = w.dtype
@@ -139,8 +144,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_w = None
         if grad_wt is not None:
             # (V, C) in w's own layout: a transposed gradient makes every later add slow
-            grad_w = torch.empty(grad_wt.shape[::-1], dtype=ctx.w_dtype, device=grad_wt.device)
-            grad_w.copy_(grad_wt.t()).mul_(grad_out)
+            if grad_wt.t().is_contiguous() and grad_wt.dtype == ctx.w_dtype:
+                grad_w = grad_wt.t() * grad_out  # already in that layout (fp32 on the CPU)
+            else:
+                grad_w = torch.empty(grad_wt.shape[::-1], dtype=ctx.w_dtype,
+                                     device=grad_wt.device)
+                grad_w.copy_(grad_wt.t()).mul_(grad_out)
         return grad_h * grad_out, grad_w, None, None, None, None, None, None, None
 
 
