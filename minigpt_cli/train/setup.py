@@ -257,8 +257,8 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
     if resume:
         if out is None:
             raise ConfigError("resuming needs the run directory to continue")
-        config = resume_config(out, config, changed)
         layout.hold_run_dir(out)  # until training ends: one training per run at a time
+        config = resume_config(out, config, changed)
         resumed_from, notes = ckpt.resume_checkpoint(out)
     else:
         config.validate()  # every setting checked before anything is written

@@ -104,6 +104,12 @@ def test_a_run_another_process_trains_is_refused(corpus, tmp_path, train_config,
     with pytest.raises(CheckpointError, match="being trained by another process"):
         prepare(train_config(corpus), tmp_path / "run")  # not "remove it and train again"
     assert sorted(p.name for p in (tmp_path / "run" / layout.CKPT_DIR).iterdir()) == before
+    fresh = tmp_path / "fresh"  # a new run elsewhere, before its first checkpoint
+    fresh.mkdir()
+    (fresh / layout.CONFIG_FILE).write_text((tmp_path / "run" / layout.CONFIG_FILE).read_text())
+    held_elsewhere(fresh)
+    with pytest.raises(CheckpointError, match="being trained by another process"):  # not
+        prepare(train_config(corpus), fresh, resume=True)  # "remove it and train again"
     holder.communicate("")  # that training ends: the run resumes here
     run = prepare(train_config(corpus, "train.max_steps=6"), tmp_path / "run", resume=True)
     # and while this process trains it (from setup to the end of training), others wait
