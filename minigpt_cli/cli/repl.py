@@ -7,6 +7,7 @@ input line, one reply per output block).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rich.text import Text
 
 from minigpt_cli.chat.session import COMMANDS, SETTABLE, ChatSession, CommandResult
 from minigpt_cli.cli.ui import StreamWriter
+from minigpt_cli.errors import MiniGPTError
 from minigpt_cli.generate.engine import Notice
 
 HISTORY_FILE = "chat_history"
@@ -223,5 +225,50 @@ def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
         out.out(("\n" if replies else "") + "".join(parts).strip())
         replies += 1
         if session.show_stats:  # on stderr, like every note: stdout keeps only the replies
+            _note(err, session.stats_text())
+    return 0
+
+
+JSONL_HINT = ('one JSON value per line: a message as a string ("Hi"), or {"content": "Hi"}, '
+              'or {"command": "/reset"}')
+
+
+def run_jsonl(session: ChatSession, lines: Iterable[str], out: Console, err: Console) -> int:
+    """Piped chat as JSON lines, for scripts and for replies with blank lines in them: each
+    input line a message (a JSON string, or an object with ``content``) or a slash command
+    (``{"command": "/reset"}``, reported on ``err``); each reply one line on ``out``,
+    ``{"reply", "finish_reason", "tokens"}``. A line that is none of these stops the chat
+    with a one-line error naming it, after the replies before it."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise MiniGPTError(f"stdin line {number} is not JSON ({e})", JSONL_HINT) from None
+        if isinstance(item, dict) and len(item) == 1 and isinstance(item.get("command"), str) \
+                and session.is_command(item["command"]):
+            result = session.handle_command(item["command"])
+            _show_result(err, result)
+            if result.quit:
+                break
+            continue
+        if isinstance(item, dict) and len(item) == 1 and isinstance(item.get("content"), str):
+            item = item["content"]
+        if not isinstance(item, str):
+            raise MiniGPTError(f"stdin line {number} is neither a message nor a command",
+                               JSONL_HINT)
+        parts = []
+        for piece in session.respond(item):
+            if isinstance(piece, Notice):
+                _note(err, piece.message, ok=False)
+            else:
+                parts.append(piece)
+        result = session.last_result
+        out.out(json.dumps({"reply": "".join(parts).strip(),
+                            "finish_reason": result.samples[0].finish_reason,
+                            "tokens": result.generated_tokens}, ensure_ascii=False),
+                highlight=False)
+        if session.show_stats:
             _note(err, session.stats_text())
     return 0

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from minigpt_cli.chat.session import ChatSession
 from minigpt_cli.chat.template import Turn
-from minigpt_cli.cli.repl import SlashCompleter, run_piped, run_repl
+from minigpt_cli.cli.repl import SlashCompleter, run_jsonl, run_piped, run_repl
 from minigpt_cli.generate import engine
 from minigpt_cli.paths import data_dir
 
@@ -183,3 +183,32 @@ def test_a_message_can_start_with_a_slash(scripted_reply, chat_session):
                      Console(file=err)) == 0
     assert [t.user for t in s.turns] == ["/tmp is full", "  / spaced"]
     assert "unknown command" not in err.getvalue()
+
+
+def test_jsonl_chat_keeps_lines_and_takes_commands(scripted_reply, chat_session):
+    """``--jsonl``: a reply of several lines is one line out (with the minigpt and chatml
+    templates they may hold blank lines too); messages may hold newlines or start with a
+    slash; commands report on stderr; a bad line stops the chat
+    with an error naming it, after the replies before it."""
+    import json
+
+    from minigpt_cli.errors import MiniGPTError
+
+    scripted_reply('Fine.\nMore "quoted" \u2713')
+    s = chat_session(max_new_tokens=40)
+    out, err = io.StringIO(), io.StringIO()
+    lines = ['"How are you?"\n', "\n", '{"content": "two\\nlines"}\n',
+             '{"command": "/set top_k 5"}\n', '"/etc"\n']
+    assert run_jsonl(s, lines, Console(file=out), Console(file=err)) == 0
+    replies = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [r["reply"] for r in replies] == ['Fine.\nMore "quoted" \u2713'] * 3
+    assert all(r["tokens"] > 0 and r["finish_reason"] for r in replies)
+    assert [t.user for t in s.turns] == ["How are you?", "two\nlines", "/etc"]
+    assert "top_k = 5" in err.getvalue()
+    for bad, needle in [("{oops\n", "line 2 is not JSON"), ('{"role": "user"}\n',
+                        "line 2 is neither a message nor a command"), ("[1]\n", "neither")]:
+        out = io.StringIO()
+        with pytest.raises(MiniGPTError, match=needle):
+            run_jsonl(chat_session(max_new_tokens=40), ['"Hi"\n', bad, '"never"\n'],
+                      Console(file=out), Console(file=io.StringIO()))
+        assert len(out.getvalue().splitlines()) == 1  # the reply before it

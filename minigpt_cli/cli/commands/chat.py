@@ -35,6 +35,8 @@ EXAMPLES = """Examples:
 
   printf 'Hello\\nHow are you?\\n' | minigpt chat --template chat    # one reply per line
 
+  printf '"Hello"\\n{"content": "Two lines,\\\\nplease"}\\n' | minigpt chat --jsonl
+
 In the chat: /help lists the commands (/set, /show, /reset, /system, /save, /load, /stats,
 /quit); Esc then Enter adds a line; Ctrl-C stops a reply; Ctrl-D leaves.
 """
@@ -76,18 +78,26 @@ def chat(
     seed: Seed = None,
     device: Device = "auto",
     quantize: Quantize = "none",
+    jsonl: Annotated[bool, typer.Option(
+        "--jsonl", help="Piped input as JSON lines: each line a message (a JSON string or "
+                        "{\"content\": ...}) or {\"command\": \"/reset\"}; each reply "
+                        "one JSON line (reply, finish_reason, tokens), blank lines and "
+                        "all.")] = False,
 ) -> None:
     """Chat with a trained model: streamed replies, history, slash commands."""
     from minigpt_cli.chat.template import TEMPLATES, template_for_run
 
     if template is not None and template not in TEMPLATES:
         raise MiniGPTError(f"--template must be {' or '.join(TEMPLATES)}, got '{template}'")
+    if jsonl and sys.stdin.isatty():
+        raise MiniGPTError("--jsonl reads the messages from a pipe, not a terminal",
+                           "printf '\"Hello\"\\n' | minigpt chat --jsonl")
     settings = sampling_settings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed)
     from minigpt_cli import paths
     from minigpt_cli.chat.session import ChatSession
-    from minigpt_cli.cli.repl import HISTORY_FILE, run_piped, run_repl
+    from minigpt_cli.cli.repl import HISTORY_FILE, run_jsonl, run_piped, run_repl
     from minigpt_cli.device import configure_backends, select_device
     from minigpt_cli.generate.engine import Engine
     from minigpt_cli.generate.quant import check_quantize, int4_fallback_note, quantize_model
@@ -103,7 +113,9 @@ def chat(
     session = ChatSession(Engine(run.model, run.tokenizer, dev), settings,
                           template=template_for_run(run.run_dir, template),
                           system=system, model_label=str(run.run_dir))
-    if not sys.stdin.isatty():
+    if jsonl:
+        code = run_jsonl(session, stdin_lines(), ui.console, ui.err_console)
+    elif not sys.stdin.isatty():
         code = run_piped(session, stdin_lines(), ui.console, ui.err_console)
     else:
         safe = ui.terminal_safe if ui.console.is_terminal else (lambda s: s)
