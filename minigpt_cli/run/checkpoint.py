@@ -277,6 +277,15 @@ def verify(ckpt: Path, *names: str) -> dict[str, Any]:
         if _sha256(path) != digest:
             raise CheckpointError(f"{path} is corrupt (its sha256 does not match "
                                   f"{STATE_FILE})", hint)
+    if TRAINING_FILE in names:  # what resuming reads besides the tensors
+        several = isinstance(state.get("world_size"), int) and state["world_size"] > 1
+        needed = {"sampler": dict, "optimizer": dict,
+                  **({"rng_ranks": list} if several else
+                     {"rng_python": list, "rng_numpy": list})}
+        missing = [key for key, kind in needed.items() if not isinstance(state.get(key), kind)]
+        if missing:
+            raise CheckpointError(f"{ckpt / STATE_FILE} lacks its training state "
+                                  f"({', '.join(missing)})", hint)
     return state
 
 

@@ -47,6 +47,26 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(corpus, tmp_path
                 checkpoint.TRAINING_FILE)
 
 
+@pytest.mark.parametrize("field", ["sampler", "optimizer", "rng_numpy"])
+def test_a_state_file_missing_a_field_falls_back_to_an_older_checkpoint(
+        corpus, tmp_path, train_config, field):
+    """A hand-edited (or otherwise damaged) ``state.json`` whose files still match its
+    manifest, but that lacks part of the training state, is skipped like a damaged file."""
+    run = prepare(train_config(corpus, "train.max_steps=8", "train.checkpoint_interval=4",
+                               "train.keep_last=2", "train.eval_interval=100"),
+                  tmp_path / "run")
+    run.trainer.fit()
+    state_file = tmp_path / "run" / "checkpoints" / "step-0000008" / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state[field]
+    state_file.write_text(json.dumps(state))
+    again = prepare(train_config(corpus, "train.max_steps=8"), tmp_path / "run", resume=True)
+    assert again.resumed_from.name == "step-0000004"
+    assert "step-0000008" in again.notes[0] and f"lacks its training state ({field})" in \
+        again.notes[0]
+    again.trainer.fit()
+
+
 class Crash(BaseException):
     """Stands in for kill -9 in the middle of writing a checkpoint."""
 
