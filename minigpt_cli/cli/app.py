@@ -58,6 +58,18 @@ convert.register(app)
 serve.register(app)
 
 
+def _command_path(args: list[str]) -> str:
+    """The command the first words of ``args`` name (``minigpt inspect model``): for the
+    usage errors that Click reports without one (an option's value missing)."""
+    command, path = typer.main.get_command(app), ["minigpt"]
+    for word in args:
+        command = getattr(command, "commands", {}).get(word)
+        if command is None:
+            break
+        path.append(word)
+    return " ".join(path)
+
+
 def main() -> None:
     """The console script: ``app`` with Click's usage errors as one line, like every other
     error (Typer's own display is a usage line, a hint and a boxed message)."""
@@ -69,7 +81,7 @@ def main() -> None:
     except no_args:
         app()  # a bare `minigpt` or `minigpt inspect`: the help, as usual
     except errors.UsageError as e:
-        path = e.ctx.command_path if e.ctx is not None else "minigpt"
+        path = e.ctx.command_path if e.ctx is not None else _command_path(sys.argv[1:])
         ui.error_line(e.format_message(), f"see '{path} --help'")
         sys.exit(e.exit_code)
     except errors.ClickException as e:

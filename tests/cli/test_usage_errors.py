@@ -25,6 +25,9 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
      "minigpt generate --help"),
     (["inspect", "nope"], "No such command 'nope'", "minigpt inspect --help"),
     (["chat", "extra"], "unexpected extra argument", "minigpt chat --help"),
+    (["train", "--preset"], "'--preset' requires an argument", "minigpt train --help"),
+    (["inspect", "model", "--model"], "'--model' requires an argument",
+     "minigpt inspect model --help"),
 ])
 def test_a_usage_error_is_one_line(monkeypatch, capsys, args, message, hint):
     code, out, err = run_main(monkeypatch, capsys, *args)
