@@ -65,6 +65,22 @@ class PreparedRun:
 
 
 @contextlib.contextmanager
+def held_while_set_up(run_dir: Path | None) -> Iterator[None]:
+    """A run to resume is held from the start (``layout.hold_run_dir``: one training per
+    run at a time, and nothing said of a run that another process trains); if setting it
+    up fails, it is let go. Training lets go of it when it ends."""
+    if run_dir is None:
+        yield
+        return
+    layout.hold_run_dir(run_dir)
+    try:
+        yield
+    except BaseException:
+        layout.release_run_dir(run_dir)
+        raise
+
+
+@contextlib.contextmanager
 def discarded_on_failure(run_dir: Path, new: bool, made: bool) -> Iterator[None]:
     """If the block fails, a ``new`` run without a checkpoint leaves nothing behind in
     ``run_dir`` (``made``: setup made the folder). Rank 0 alone writes, and takes back."""
@@ -175,15 +191,18 @@ def prepare(config: Config, out: Path | None, resume: bool = False,
     if not resume:  # a setting the device cannot honour fails before the run directory exists
         select_precision(config.train.precision, device)
     made = out is None or not out.exists()  # a new run: whether setup makes its folder
+    held = out if resume else None
     if not dist.enabled:
-        prepared = _prepare_data(config, out, resume, changed, progress)
+        with held_while_set_up(held):
+            prepared = _prepare_data(config, out, resume, changed, progress)
         with discarded_on_failure(prepared[1], not resume, made):
             run = _build(*prepared, resume, device, callbacks)
         run.made_dir = made
         return run
     if dist.is_main:
         try:
-            prepared = _prepare_data(config, out, resume, changed, progress)
+            with held_while_set_up(held):
+                prepared = _prepare_data(config, out, resume, changed, progress)
         except BaseException:
             # the others leave; rank 0 says why. They may be gone already (Ctrl-C reaches
             # every rank): what rank 0 met is the news, not that.
@@ -257,7 +276,6 @@ def _prepare_data(config: Config, out: Path | None, resume: bool, changed: set[s
     if resume:
         if out is None:
             raise ConfigError("resuming needs the run directory to continue")
-        layout.hold_run_dir(out)  # until training ends: one training per run at a time
         config = resume_config(out, config, changed)
         resumed_from, notes = ckpt.resume_checkpoint(out)
     else:

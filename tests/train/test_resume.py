@@ -120,3 +120,20 @@ def test_a_run_another_process_trains_is_refused(corpus, tmp_path, train_config,
     assert refused.returncode != 0 and "being trained by another process" in refused.stderr
     run.trainer.fit()
     assert subprocess.run(probe).returncode == 0  # released when training ended
+
+
+def test_a_resume_that_fails_to_set_up_lets_go_of_the_run(corpus, tmp_path, train_config):
+    from minigpt_cli.errors import CheckpointError
+
+    run = prepare(train_config(corpus, "train.max_steps=2"), tmp_path / "run")
+    (tmp_path / "fresh").mkdir()  # a run with no checkpoint: nothing to resume
+    (tmp_path / "fresh" / layout.CONFIG_FILE).write_text(
+        (tmp_path / "run" / layout.CONFIG_FILE).read_text())
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        prepare(train_config(corpus), tmp_path / "fresh", resume=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from minigpt_cli.run import layout; layout.hold_run_dir(Path(sys.argv[1]))",
+         str(tmp_path / "fresh")], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr  # another process may train it now
+    run.trainer.fit()
