@@ -216,17 +216,22 @@ def run_piped(session: ChatSession, lines: Iterable[str], out: Console,
             if result.quit:
                 break
             continue
-        parts = []
-        for piece in session.respond(session.message_text(message)):
-            if isinstance(piece, Notice):
-                _note(err, piece.message, ok=False)
-            else:
-                parts.append(piece)
-        out.out(("\n" if replies else "") + "".join(parts).strip())
+        out.out(("\n" if replies else "") + _reply(session, session.message_text(message), err))
         replies += 1
         if session.show_stats:  # on stderr, like every note: stdout keeps only the replies
             _note(err, session.stats_text())
     return 0
+
+
+def _reply(session: ChatSession, message: str, err: Console) -> str:
+    """The whole reply to ``message``, without surrounding whitespace; notes go to ``err``."""
+    parts = []
+    for piece in session.respond(message):
+        if isinstance(piece, Notice):
+            _note(err, piece.message, ok=False)
+        else:
+            parts.append(piece)
+    return "".join(parts).strip()
 
 
 JSONL_HINT = ('one JSON value per line: a message as a string ("Hi"), or {"content": "Hi"}, '
@@ -258,15 +263,9 @@ def run_jsonl(session: ChatSession, lines: Iterable[str], out: Console, err: Con
         if not isinstance(item, str):
             raise MiniGPTError(f"stdin line {number} is neither a message nor a command",
                                JSONL_HINT)
-        parts = []
-        for piece in session.respond(item):
-            if isinstance(piece, Notice):
-                _note(err, piece.message, ok=False)
-            else:
-                parts.append(piece)
+        text = _reply(session, item, err)
         result = session.last_result
-        out.out(json.dumps({"reply": "".join(parts).strip(),
-                            "finish_reason": result.samples[0].finish_reason,
+        out.out(json.dumps({"reply": text, "finish_reason": result.samples[0].finish_reason,
                             "tokens": result.generated_tokens}, ensure_ascii=False),
                 highlight=False)
         if session.show_stats:
